@@ -1,0 +1,46 @@
+"""dpeft: distributed-first parameter-efficient fine-tuning with HF PEFT's API and checkpoint format.
+
+`import dpeft as peft` works for code written against PEFT's public API on the methods dpeft has.
+"""
+
+from dpeft.api import get_peft_model, inject_adapter_in_model
+from dpeft.config import PeftConfig, TaskType, get_peft_config
+from dpeft.methods import PeftType, registered_methods
+from dpeft.methods.lora import LoraConfig
+from dpeft.model import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+from dpeft.store import AdapterStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "AdapterStore",
+    "LoraConfig",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TaskType",
+    "get_peft_config",
+    "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "registered_methods",
+    "set_peft_model_state_dict",
+]

@@ -1,0 +1,58 @@
+"""What a method provides for one adapter on one base layer: parameter specs, forward math, delta weight.
+
+A `MethodLayer` is a plain object, not a module: its tensors belong to the store and reach `forward` as the
+`p` dict; the wrapping layer (`dpeft.model.layer.AdaptedLayer`) does base-layer calls, dtype plumbing,
+adapter selection and merging, once for all methods.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dpeft.config import PeftConfig
+from dpeft.quant import BaseHandler
+from dpeft.store import ParamSpec
+
+
+class MethodLayer:
+    """One adapter of one method on one base layer.
+
+    Subclasses set `specs` in `__init__` and implement `forward`; methods that can merge implement
+    `delta_weight` (additive) or override `merge_weight`/`unmerge_weight` (e.g. DoRA's rescaling).
+
+    Args:
+        handler: The base layer, as the shared handler presents it.
+        config: This adapter's config.
+        module_name: The base layer's name in the model (used for rank/alpha patterns and messages).
+    """
+
+    #: Whether `merge_weight` exists for this layer.
+    can_merge: bool = True
+
+    def __init__(self, handler: BaseHandler, config: PeftConfig, module_name: str) -> None:
+        self.handler = handler
+        self.config = config
+        self.module_name = module_name
+        self.specs: list[ParamSpec] = []
+
+    def after_allocation(self, p: dict[str, torch.Tensor]) -> None:
+        """Initialise tensors that depend on others (e.g. DoRA's magnitude); called once after fresh allocation."""
+
+    def forward(self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
+        """Return the layer output with this adapter applied, given the input and the output so far."""
+        raise NotImplementedError
+
+    def delta_weight(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The additive change to the base weight, in (out, in, ...) orientation."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    def merge_weight(self, weight: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The merged weight, (out, in, ...), from the current weight; `state` may keep what unmerging needs."""
+        return weight + self.delta_weight(p).to(weight.dtype)
+
+    def unmerge_weight(self, weight: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return weight - self.delta_weight(p).to(weight.dtype)
+
+    def merged_bias(self, bias: torch.Tensor | None, p: dict[str, torch.Tensor], sign: int) -> torch.Tensor | None:
+        """The base bias after merging (``sign=1``) or unmerging (``sign=-1``); unchanged by default."""
+        return bias

@@ -1,0 +1,144 @@
+"""`AdaptedLayer`: the one wrapper that puts adapters of any method on a base layer.
+
+It calls the base layer, hands each active adapter its tensors from the store, casts dtypes, routes rows of a
+mixed-adapter batch, and merges/unmerges through the method's weight math. Methods only supply the math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from dpeft.methods import MethodLayer
+from dpeft.quant import BaseHandler
+from dpeft.store import AdapterStore, Entry, detach_holders
+
+BASE_ADAPTER = "__base__"
+
+
+class ForwardContext:
+    """State shared by every adapted layer of one model for the duration of a forward call."""
+
+    def __init__(self) -> None:
+        self.adapter_names: list[str] | None = None
+
+
+class AdaptedLayer(nn.Module):
+    """A base layer with adapters on it. `base_layer` keeps PEFT's module path (``q_proj.base_layer.weight``)."""
+
+    def __init__(self, base_layer: nn.Module, handler: BaseHandler, store: AdapterStore, ctx: ForwardContext) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.handler = handler
+        self.store = store
+        self.ctx = ctx
+        self.methods: dict[str, MethodLayer] = {}
+        self.entries: dict[str, Entry] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+
+    # ------------------------------------------------------------------ adapters
+    def add(self, adapter: str, method: MethodLayer, entry: Entry) -> None:
+        self.methods[adapter] = method
+        self.entries[adapter] = entry
+
+    def remove(self, adapter: str) -> None:
+        if adapter in self.merged_adapters:
+            self.unmerge([adapter])
+        self.methods.pop(adapter, None)
+        self.entries.pop(adapter, None)
+        self.active_adapters = [a for a in self.active_adapters if a != adapter]
+        detach_holders(self, adapter)
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # ------------------------------------------------------------------ forward
+    def _apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        p = self.store.get(self.entries[name])
+        if x.is_floating_point():
+            dtype = next(iter(p.values())).dtype
+            if x.dtype != dtype:
+                x = x.to(dtype)
+        return self.methods[name].forward(x, result, p, self.training)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged_adapters:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        routing = self.ctx.adapter_names
+        if routing is not None:
+            return self._mixed_forward(x, routing, args, kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged_adapters:
+            return result
+        dtype = result.dtype
+        for name in self.active_adapters:
+            if name in self.methods:
+                result = self._apply(name, x, result)
+        return result if result.dtype == dtype else result.to(dtype)
+
+    def _mixed_forward(self, x: torch.Tensor, routing: list[str], args, kwargs) -> torch.Tensor:
+        if self.merged_adapters:
+            raise ValueError("cannot use adapter_names with merged adapters; unmerge them first")
+        result = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
+        if len(routing) != x.shape[0]:
+            raise ValueError(f"adapter_names has {len(routing)} entries but the batch has {x.shape[0]} rows")
+        rows: dict[str, list[int]] = {}
+        for i, name in enumerate(routing):
+            rows.setdefault(name, []).append(i)
+        for name, idx in rows.items():
+            if name == BASE_ADAPTER or name not in self.methods:
+                continue
+            index = torch.tensor(idx, device=result.device)
+            sub = self._apply(name, x.index_select(0, index), result.index_select(0, index))
+            result = result.to(sub.dtype).index_copy(0, index, sub)
+        return result if result.dtype == dtype else result.to(dtype)
+
+    # ------------------------------------------------------------------ merging
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The change `adapter` makes to the base weight, in the base layer's own layout."""
+        return self.handler.stored_layout(self.methods[adapter].delta_weight(self.store.get(self.entries[adapter])))
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: Iterable[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weight; `safe_merge` checks for NaN/inf first."""
+        names = list(adapter_names) if adapter_names is not None else list(self.active_adapters)
+        for name in names:
+            if name in self.merged_adapters or name not in self.methods:
+                continue
+            method, p = self.methods[name], self.store.get(self.entries[name])
+            if not method.can_merge:
+                raise ValueError(f"adapter {name!r} on {method.module_name} cannot be merged")
+            weight = method.merge_weight(self.handler.weight().detach(), p)
+            bias = method.merged_bias(self.handler.bias, p, +1)
+            if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+                raise ValueError(f"NaNs detected in the merged weights of {method.module_name} (adapter {name!r}); "
+                                 "the adapter seems to be broken")
+            self.handler.set_weight(weight)
+            if bias is not None and bias is not self.handler.bias:
+                self.handler.bias.data.copy_(bias)
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, adapter_names: Iterable[str] | None = None) -> None:
+        """Undo merges, last merged first (all merged adapters by default)."""
+        names = set(adapter_names) if adapter_names is not None else set(self.merged_adapters)
+        for name in reversed(list(self.merged_adapters)):
+            if name not in names:
+                continue
+            method, p = self.methods[name], self.store.get(self.entries[name])
+            self.handler.set_weight(method.unmerge_weight(self.handler.weight().detach(), p))
+            bias = method.merged_bias(self.handler.bias, p, -1)
+            if bias is not None and bias is not self.handler.bias:
+                self.handler.bias.data.copy_(bias)
+            self.merged_adapters.remove(name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.methods)}, active={self.active_adapters}, merged={self.merged_adapters}"

@@ -1,0 +1,263 @@
+"""`PeftModel` and its task classes: HF PEFT's user-facing model API over `AdapterModel`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpeft.config import PeftConfig
+from dpeft.model.layer import BASE_ADAPTER
+from dpeft.model.state import get_peft_model_state_dict, set_peft_model_state_dict
+from dpeft.model.tuner import AdapterModel
+from dpeft.store import load_adapter_weights, save_adapter_weights
+
+
+class PeftModel(nn.Module):
+    """A base model with adapters. Same constructor, attributes and methods as HF PEFT's `PeftModel`.
+
+    Args:
+        model: The base model (a transformers model or any `nn.Module`).
+        peft_config: Config of the first adapter.
+        adapter_name: Its name.
+        autocast_adapter_dtype: Keep adapter tensors in float32 on float16/bfloat16 bases (PEFT's default).
+        low_cpu_mem_usage: Allocate adapter tensors without initialising them (a load fills them next).
+    """
+
+    #: Names of head modules that this task class trains and saves in full (PEFT's convention).
+    head_module_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        self._add_head_modules(peft_config)
+        self.base_model = AdapterModel(
+            model, {adapter_name: peft_config}, adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype, init=not low_cpu_mem_usage,
+        )
+        self.special_peft_forward_args = {"adapter_names"}
+
+    def _add_head_modules(self, config: PeftConfig) -> None:
+        if not self.head_module_names or not hasattr(config, "modules_to_save"):
+            return
+        current = list(config.modules_to_save or [])
+        config.modules_to_save = current + [n for n in self.head_module_names if n not in current]
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str:
+        active = self.base_model.active_adapter
+        return active if isinstance(active, str) else active[0]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def store(self):
+        return self.base_model.store
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # ------------------------------------------------------------------ forward
+    @contextlib.contextmanager
+    def _routing(self, adapter_names: list[str] | None) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ValueError(f"adapter_names contains unknown adapters {unknown}; loaded: {list(self.peft_config)}")
+        ctx = self.base_model.ctx
+        previous, ctx.adapter_names = ctx.adapter_names, list(adapter_names)
+        try:
+            yield
+        finally:
+            ctx.adapter_names = previous
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
+        """Run the base model with the active adapters, or per-row adapters when `adapter_names` is given
+        (one name per batch row; ``"__base__"`` for no adapter)."""
+        with self._routing(adapter_names):
+            return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
+        if adapter_names is not None:
+            beams = kwargs.get("num_beams") or getattr(getattr(self.get_base_model(), "generation_config", None), "num_beams", 1) or 1
+            adapter_names = [n for n in adapter_names for _ in range(beams)]
+        with self._routing(adapter_names):
+            return self.get_base_model().generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context in which the model runs without any adapter (merged adapters are unmerged first)."""
+        self.base_model.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.base_model.enable_adapter_layers()
+
+    # ------------------------------------------------------------------ adapters
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a new (inactive) adapter; `set_adapter` activates it."""
+        self._add_head_modules(peft_config)
+        active = self.base_model.active_adapter
+        self.base_model.inject_adapter(adapter_name, peft_config, init=not low_cpu_mem_usage)
+        self.base_model.set_adapter(active)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, counting packed 4-bit weights at their logical size as PEFT does."""
+        trainable, total = 0, 0
+        for param in self.parameters():
+            n = param.numel()
+            if param.__class__.__name__ == "Params4bit":  # two 4-bit values per byte of quant_storage
+                n = n * 2 * (param.quant_storage.itemsize if hasattr(param, "quant_storage") else 1)
+            total += n
+            if param.requires_grad:
+                trainable += n
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ------------------------------------------------------------------ saving and loading
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each selected adapter in PEFT's format: `default` at the top, others in a subfolder of their name."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"cannot save adapters {missing}: not loaded; loaded adapters: {list(self.peft_config)}")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a directory")
+        if not is_main_process:
+            return
+        for name in names:
+            directory = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            state = get_peft_model_state_dict(self, adapter_name=name)
+            save_adapter_weights(state, directory, safe_serialization=safe_serialization)
+            config = self.peft_config[name]
+            inference_mode = config.inference_mode
+            if config.base_model_name_or_path is None:
+                config.base_model_name_or_path = getattr(self.get_base_model(), "name_or_path", None) or None
+            config.inference_mode = True
+            try:
+                config.save_pretrained(directory)
+            finally:
+                config.inference_mode = inference_mode
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Load a PEFT-format adapter onto `model`. On any error the base model is left as it was."""
+        from dpeft.model.task_models import task_model_class
+
+        config = config if config is not None else PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+        config.inference_mode = not is_trainable
+        model_cls = task_model_class(config.task_type) if cls is PeftModel else cls
+        state = load_adapter_weights(os.path.join(model_id, kwargs.get("subfolder") or ""))
+        peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                               low_cpu_mem_usage=True)
+        try:
+            peft_model._load_state(state, adapter_name, torch_dtype)
+        except BaseException:
+            peft_model.base_model.delete_adapter(adapter_name, _rollback=True)
+            raise
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def _load_state(self, state: dict[str, torch.Tensor], adapter_name: str, torch_dtype: torch.dtype | None) -> None:
+        if torch_dtype is not None:
+            for param in self.store.parameters(adapter_name):
+                param.data = param.data.to(torch_dtype)
+        set_peft_model_state_dict(self, state, adapter_name=adapter_name, assign=True)
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Load another PEFT-format adapter under `adapter_name` (inactive until `set_adapter`)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} is already loaded; delete it or choose another name")
+        config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+        config.inference_mode = not is_trainable
+        state = load_adapter_weights(os.path.join(model_id, kwargs.get("subfolder") or ""), device=torch_device or "cpu")
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
+        try:
+            self._load_state(state, adapter_name, torch_dtype)
+        except BaseException:
+            self.base_model.delete_adapter(adapter_name, _rollback=True)
+            raise
+        if not is_trainable:
+            self.eval()

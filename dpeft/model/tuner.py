@@ -1,0 +1,264 @@
+"""`AdapterModel`: the model with adapters injected (`PeftModel.base_model`), for every method.
+
+Injection finds target modules, wraps each in one `AdaptedLayer`, asks the method for parameter specs and the
+store for tensors. Adapter management (activate, delete, merge, unload) is written here once for all methods.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dpeft.config import PeftConfig
+from dpeft.methods import get_method
+from dpeft.model.layer import AdaptedLayer, ForwardContext
+from dpeft.model.modules_to_save import ModulesToSaveWrapper
+from dpeft.model.targets import is_target, resolve_target_modules
+from dpeft.quant import get_handler, supported_layer_types
+from dpeft.store import AdapterStore
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _adapter_dtype(base: torch.dtype, autocast: bool) -> torch.dtype:
+    if autocast and base in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return base if base.is_floating_point else torch.float32
+
+
+class AdapterModel(nn.Module):
+    """Holds the user's model (`.model`), the adapter configs and the store.
+
+    Args:
+        model: The base model; its target modules are replaced in place.
+        peft_config: adapter name -> config of the first adapter.
+        adapter_name: Name of that adapter.
+        init: Initialise the new tensors (False when a checkpoint load fills all of them next).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: dict[str, PeftConfig],
+        adapter_name: str = "default",
+        *,
+        autocast_adapter_dtype: bool = True,
+        init: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.store = AdapterStore()
+        self.ctx = ForwardContext()
+        self.autocast_adapter_dtype = autocast_adapter_dtype
+        self.active_adapter: str | list[str] = adapter_name
+        self.inject_adapter(adapter_name, peft_config[adapter_name], init=init)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # ------------------------------------------------------------------ iteration
+    def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, AdaptedLayer):
+                yield name, module
+
+    def _wrappers(self) -> Iterator[tuple[str, nn.Module]]:
+        for name, module in self.model.named_modules():
+            if isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
+                yield name, module
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active_adapter] if isinstance(self.active_adapter, str) else list(self.active_adapter)
+
+    # ------------------------------------------------------------------ injection
+    def inject_adapter(self, adapter_name: str, config: PeftConfig, *, init: bool = True) -> None:
+        """Add adapter `adapter_name` to every module `config` targets; all or nothing."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists; delete it first or choose another name")
+        method = get_method(config.peft_type)
+        config = copy.deepcopy(config)
+        resolve_target_modules(config, self.model)
+        self.peft_config[adapter_name] = config
+        try:
+            self._inject(adapter_name, config, method, init)
+        except BaseException:
+            self.delete_adapter(adapter_name, _rollback=True)
+            raise
+
+    def _inject(self, adapter_name: str, config: PeftConfig, method, init: bool) -> None:
+        matched, unsupported = 0, []
+        targets = [(n, m) for n, m in self.model.named_modules() if n and is_target(config, n)]
+        for name, module in targets:
+            if isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
+                layer = module
+                if isinstance(module, ModulesToSaveWrapper):
+                    unsupported.append(f"{name} (in modules_to_save)")
+                    continue
+            elif _inside_wrapper(self.model, name):
+                continue
+            else:
+                handler = get_handler(module)
+                if handler is None:
+                    unsupported.append(f"{name} ({type(module).__name__})")
+                    continue
+                layer = AdaptedLayer(module, handler, self.store, self.ctx)
+            method_layer = method.build_layer(layer.handler, config, name)
+            if method_layer is None:
+                unsupported.append(f"{name} ({type(layer.base_layer).__name__})")
+                continue
+            if layer is not module:
+                parent, child = _parent(self.model, name)
+                setattr(parent, child, layer)
+            dtype = _adapter_dtype(layer.handler.dtype, self.autocast_adapter_dtype)
+            entry = self.store.declare(layer, name, adapter_name, method_layer.specs, device=layer.handler.device,
+                                       dtype=dtype, init=init)
+            if init:
+                method_layer.after_allocation(entry.params)
+            layer.add(adapter_name, method_layer, entry)
+            matched += 1
+        if unsupported and not matched:
+            raise ValueError(
+                f"target modules {sorted(unsupported)[:8]} are not layer types {config.peft_type} supports; "
+                f"supported: {', '.join(supported_layer_types())}"
+            )
+        if not matched:
+            names = [n for n, _ in self.model.named_modules() if n][:12]
+            raise ValueError(
+                f"Target modules {config.target_modules} not found in the base model. Please check the target modules "
+                f"and try again. Some module names of this model: {names}"
+            )
+        self._add_modules_to_save(adapter_name, config)
+        self._mark_trainable(adapter_name, config)
+
+    def _add_modules_to_save(self, adapter_name: str, config: PeftConfig) -> None:
+        names = getattr(config, "modules_to_save", None) or []
+        if not names:
+            return
+        found = [
+            n for n, m in self.model.named_modules()
+            if n and any(n == t or n.endswith(f".{t}") for t in names) and not _inside_wrapper(self.model, n)
+        ]
+        for name in found:
+            module = self.model.get_submodule(name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                wrapper = ModulesToSaveWrapper(module, self.ctx)
+                parent, child = _parent(self.model, name)
+                setattr(parent, child, wrapper)
+                module = wrapper
+            clone = module.add(adapter_name)
+            self.store.adopt(name, adapter_name, {n: (p, n) for n, p in clone.named_parameters()})
+
+    def _mark_trainable(self, adapter_name: str, config: PeftConfig) -> None:
+        for param in self.model.parameters():
+            param.requires_grad_(False)
+        for name in self.peft_config:
+            self.store.set_requires_grad(name, name in self.active_adapters and not self.peft_config[name].inference_mode)
+        bias = getattr(config, "bias", "none")
+        if config.inference_mode or bias == "none":
+            return
+        for name, param in self.model.named_parameters():
+            if bias == "all" and name.endswith("bias") and "modules_to_save" not in name:
+                param.requires_grad_(True)
+        if bias == "lora_only":
+            for _, layer in self.adapted_layers():
+                if layer.handler.bias is not None:
+                    layer.handler.bias.requires_grad_(True)
+
+    # ------------------------------------------------------------------ management
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate adapter(s); the active ones become trainable (unless in inference mode), the others frozen."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"adapter(s) {missing} not found; loaded adapters: {list(self.peft_config)}")
+        for _, module in self._wrappers():
+            module.active_adapters = list(names)
+        self.active_adapter = adapter_name
+        for name, config in self.peft_config.items():
+            self.store.set_requires_grad(name, name in names and not config.inference_mode)
+
+    def delete_adapter(self, adapter_name: str, _rollback: bool = False) -> None:
+        """Remove an adapter and its tensors; layers left without adapters get their base layer back."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} does not exist; loaded adapters: {list(self.peft_config)}")
+        del self.peft_config[adapter_name]
+        for name, module in list(self._wrappers()):
+            module.remove(adapter_name)
+            empty = not module.methods if isinstance(module, AdaptedLayer) else not len(module.modules_to_save)
+            if empty:
+                parent, child = _parent(self.model, name)
+                setattr(parent, child, module.base_layer if isinstance(module, AdaptedLayer) else module.original_module)
+        self.store.remove(adapter_name)
+        if not _rollback and adapter_name in self.active_adapters:
+            remaining = list(self.peft_config)
+            if remaining:
+                self.set_adapter(remaining[0])
+
+    def enable_adapter_layers(self) -> None:
+        for _, module in self._wrappers():
+            module.disable_adapters = False
+
+    def disable_adapter_layers(self) -> None:
+        for _, module in self._wrappers():
+            module.disable_adapters = True
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        for _, layer in self.adapted_layers():
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapted_layers():
+            layer.unmerge()
+
+    def _unload(self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names: list[str] | None) -> nn.Module:
+        wrappers = list(self._wrappers())
+        for name, module in tqdm(wrappers, disable=not progressbar, desc="Unloading " + ("and merging " * merge)):
+            parent, child = _parent(self.model, name)
+            if isinstance(module, AdaptedLayer):
+                if merge:
+                    module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+                setattr(parent, child, module.base_layer)
+            else:
+                active = next((a for a in module.active_adapters if a in module.modules_to_save), None)
+                setattr(parent, child, module.modules_to_save[active] if active else module.original_module)
+        for name in list(self.peft_config):
+            self.store.remove(name)
+        self.peft_config.clear()
+        return self.model
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge adapters into the base weights and return the plain base model."""
+        return self._unload(True, progressbar, safe_merge, adapter_names)
+
+    def unload(self) -> nn.Module:
+        """Remove all adapters without merging and return the plain base model."""
+        return self._unload(False, False, False, None)
+
+
+def _inside_wrapper(model: nn.Module, name: str) -> bool:
+    """True for modules inside a wrapper (a base layer or a saved copy), which must never be wrapped again."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if isinstance(model.get_submodule(".".join(parts[:i])), (AdaptedLayer, ModulesToSaveWrapper)):
+            return True
+    return False

@@ -1,0 +1,216 @@
+"""`AdapterStore`: the single owner of every adapter tensor of a model.
+
+Method layers declare `ParamSpec`s at injection and ask for their tensors in forward; where those tensors live
+(plain parameters, shards, DTensors) is the backend's business. Keys are HF PEFT's saved key names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dpeft.store.spec import ParamSpec
+
+PEFT_PREFIX = "base_model.model."
+
+
+class _Holder(nn.ModuleDict):
+    """Container module that gives adapter parameters PEFT's module paths (``lora_A.default.weight``)."""
+
+
+@dataclass
+class Entry:
+    """The tensors of one adapter on one module (a method layer, or a copied module to save)."""
+
+    adapter: str
+    module_name: str
+    specs: dict[str, ParamSpec]
+    params: dict[str, nn.Parameter] = field(default_factory=dict)
+    bucket: int = 0
+
+    def peft_key(self, name: str) -> str:
+        return f"{PEFT_PREFIX}{self.module_name}.{self.specs[name].save_suffix}"
+
+
+class AdapterStore:
+    """Holds all adapters of one model and the tensors behind them.
+
+    Args:
+        backend: Name of the backend; ``"local"`` keeps plain parameters in one process.
+    """
+
+    def __init__(self, backend: str = "local") -> None:
+        if backend != "local":
+            raise ValueError(f"store backend {backend!r} is not available; available: 'local'")
+        self.backend = backend
+        self._entries: dict[str, list[Entry]] = {}
+        self._by_key: dict[str, dict[str, tuple[Entry, str]]] = {}
+
+    # ---------------------------------------------------------------- declaring
+    def declare(
+        self,
+        owner: nn.Module,
+        module_name: str,
+        adapter: str,
+        specs: Iterable[ParamSpec],
+        *,
+        device: torch.device | str | None,
+        dtype: torch.dtype,
+        init: bool = True,
+    ) -> Entry:
+        """Allocate the tensors of `specs` for `adapter`, registered under `owner` at PEFT's module paths.
+
+        With ``init=False`` the tensors are left uninitialised, for a caller that loads every one of them next.
+        """
+        entry = Entry(adapter, module_name, {s.name: s for s in specs})
+        for spec in entry.specs.values():
+            tensor = torch.empty(spec.shape, device=device, dtype=spec.dtype or dtype)
+            if init:
+                with torch.no_grad():
+                    if spec.init is None:
+                        tensor.zero_()
+                    else:
+                        spec.init(tensor)
+            param = nn.Parameter(tensor, requires_grad=spec.trainable)
+            _attach(owner, spec.module_path(adapter), param)
+            entry.params[spec.name] = param
+        self._add(entry)
+        return entry
+
+    def adopt(self, module_name: str, adapter: str, params: dict[str, tuple[nn.Parameter, str]]) -> Entry:
+        """Take existing parameters (e.g. a copied head in `modules_to_save`) under the store's keys.
+
+        Args:
+            params: name -> (parameter, saved-key suffix under `module_name`).
+        """
+        from dpeft.store.spec import ADAPTER
+
+        specs = {n: ParamSpec(n, tuple(p.shape), (ADAPTER, *suffix.split("."))) for n, (p, suffix) in params.items()}
+        entry = Entry(adapter, module_name, specs, {n: p for n, (p, _) in params.items()})
+        self._add(entry)
+        return entry
+
+    def _add(self, entry: Entry) -> None:
+        keys = self._by_key.setdefault(entry.adapter, {})
+        for name in entry.specs:
+            key = entry.peft_key(name)
+            assert key not in keys, f"duplicate adapter key {key} for adapter {entry.adapter}"
+            keys[key] = (entry, name)
+        self._entries.setdefault(entry.adapter, []).append(entry)
+
+    def remove(self, adapter: str) -> None:
+        """Forget every tensor of `adapter` (the caller detaches the modules that held them)."""
+        self._entries.pop(adapter, None)
+        self._by_key.pop(adapter, None)
+
+    # ---------------------------------------------------------------- forward
+    @staticmethod
+    def get(entry: Entry) -> dict[str, torch.Tensor]:
+        """The full logical tensors of `entry`, differentiable; the hot path of every method layer."""
+        return entry.params
+
+    # ---------------------------------------------------------------- inspection
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._entries)
+
+    def entries(self, adapter: str) -> list[Entry]:
+        return self._entries.get(adapter, [])
+
+    def keys(self, adapter: str) -> list[str]:
+        return list(self._by_key.get(adapter, {}))
+
+    def parameters(self, adapter: str | None = None) -> Iterator[nn.Parameter]:
+        """The tensors the optimizer should see (all adapters when `adapter` is None)."""
+        for name in [adapter] if adapter is not None else self.adapters:
+            for entry in self._entries.get(name, []):
+                yield from entry.params.values()
+
+    def set_requires_grad(self, adapter: str, requires_grad: bool) -> None:
+        for entry in self._entries.get(adapter, []):
+            for name, param in entry.params.items():
+                param.requires_grad_(requires_grad and entry.specs[name].trainable)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self, adapter: str) -> dict[str, torch.Tensor]:
+        """Full tensors of `adapter` under PEFT's saved key names (adapter name stripped)."""
+        self._require(adapter)
+        return {key: entry.params[name].detach() for key, (entry, name) in self._by_key[adapter].items()}
+
+    def check_state_dict(self, adapter: str, state_dict: dict[str, torch.Tensor], *, strict: bool = True) -> None:
+        """Raise `ValueError` naming each key or shape of `state_dict` that does not fit `adapter`."""
+        self._require(adapter)
+        expected = self._by_key[adapter]
+        problems = []
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if strict and missing:
+            problems.append(f"missing keys: {_preview(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys (not in the adapter built from its config): {_preview(unexpected)}")
+        for key, tensor in state_dict.items():
+            if key in expected:
+                entry, name = expected[key]
+                want = tuple(entry.specs[name].shape)
+                if tuple(tensor.shape) != want:
+                    problems.append(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {want}")
+        if problems:
+            raise ValueError(
+                f"checkpoint does not fit adapter {adapter!r}: " + "; ".join(problems)
+                + ". Check that the checkpoint was saved from this base model with this adapter config."
+            )
+
+    def load_state_dict(
+        self, adapter: str, state_dict: dict[str, torch.Tensor], *, strict: bool = True, assign: bool = False
+    ) -> None:
+        """Copy `state_dict` (PEFT key names) into `adapter`'s tensors; checks everything before changing anything.
+
+        With ``assign=True`` the tensors of `state_dict` become the parameters' storage where dtype and device
+        already fit (for freshly read files, which nobody else holds), saving a copy.
+        """
+        self.check_state_dict(adapter, state_dict, strict=strict)
+        expected = self._by_key[adapter]
+        with torch.no_grad():
+            for key, tensor in state_dict.items():
+                entry, name = expected[key]
+                param = entry.params[name]
+                if assign and tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
+                    param.data = tensor  # adopt the freshly read buffer: no second copy
+                else:
+                    param.copy_(tensor)
+
+    def _require(self, adapter: str) -> None:
+        if adapter not in self._entries:
+            raise ValueError(f"adapter {adapter!r} is not loaded; loaded adapters: {self.adapters}")
+
+
+def _preview(keys: list[str], n: int = 5) -> str:
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def _attach(owner: nn.Module, path: tuple[str, ...], param: nn.Parameter) -> None:
+    module = owner
+    for part in path[:-1]:
+        child = module._modules.get(part)
+        if child is None:
+            child = _Holder()
+            module.add_module(part, child)
+        module = child
+    module.register_parameter(path[-1], param)
+
+
+def detach_holders(owner: nn.Module, adapter: str) -> None:
+    """Remove `adapter`'s tensors from the holder modules under `owner` (and holders left empty)."""
+    for name, child in list(owner._modules.items()):
+        if isinstance(child, _Holder):
+            child._modules.pop(adapter, None)
+            child._parameters.pop(adapter, None)
+            for sub in child._modules.values():
+                if isinstance(sub, _Holder):
+                    detach_holders(sub, adapter)
+            if not child._modules and not child._parameters:
+                del owner._modules[name]
