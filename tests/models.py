@@ -1,0 +1,115 @@
+"""Tiny models (built from configs, no downloads) and their example inputs, shared by all tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    """Linear layers plus a head: the smallest model most methods fit."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20, bias=bias)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(20, 20, bias=bias)
+        self.lin2 = nn.Linear(20, 2, bias=bias)
+
+    def forward(self, X):
+        return self.lin2(self.relu(self.lin1(self.relu(self.lin0(X)))))
+
+
+class EmbConv1D(nn.Module):
+    """An embedding followed by a transformers `Conv1D` (GPT-2's linear layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.emb = nn.Embedding(100, 5)
+        self.conv1d = Conv1D(1, 5)
+        self.lin0 = nn.Linear(10, 2)
+
+    def forward(self, X):
+        h = self.emb(X)
+        h = self.conv1d(h)
+        return self.lin0(h.flatten(1))
+
+
+class Conv1dModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 5)
+        self.conv1d = nn.Conv1d(5, 10, 3, padding=1)
+        self.lin0 = nn.Linear(100, 2)
+
+    def forward(self, X):
+        h = self.emb(X).transpose(1, 2)
+        return self.lin0(self.conv1d(h).flatten(1))
+
+
+class Conv2dModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2d = nn.Conv2d(5, 10, 3)
+        self.conv2d_1x1 = nn.Conv2d(10, 10, 1)
+        self.lin0 = nn.Linear(10, 2)
+
+    def forward(self, X):
+        h = self.conv2d_1x1(self.conv2d(X))
+        return self.lin0(h.mean(dim=(2, 3)))
+
+
+def tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+
+
+def tiny_bert_classifier(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4,
+                                                    max_position_embeddings=32, num_labels=3)).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+
+
+# name -> (builder(seed) -> model, inputs(generator) -> kwargs for forward)
+MODELS = {
+    "mlp": (lambda seed=0: _seeded(MLP, seed), lambda g: {"X": torch.randn(4, 10, generator=g)}),
+    "emb_conv1d": (lambda seed=0: _seeded(EmbConv1D, seed), lambda g: {"X": torch.randint(0, 100, (4, 2), generator=g)}),
+    "conv1d": (lambda seed=0: _seeded(Conv1dModel, seed), lambda g: {"X": torch.randint(0, 100, (4, 10), generator=g)}),
+    "conv2d": (lambda seed=0: _seeded(Conv2dModel, seed), lambda g: {"X": torch.randn(4, 5, 6, 6, generator=g)}),
+    "llama": (tiny_llama, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}),
+    "bert": (tiny_bert_classifier, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}),
+    "gpt2": (tiny_gpt2, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}),
+}
+
+
+def _seeded(cls, seed: int):
+    torch.manual_seed(seed)
+    return cls().eval()
+
+
+def build(name: str, seed: int = 0):
+    """(model in eval mode, example forward kwargs) for a model of `MODELS`."""
+    builder, inputs = MODELS[name]
+    model = builder(seed).eval()
+    return model, inputs(torch.Generator().manual_seed(seed + 1))
+
+
+def output(model, kwargs) -> torch.Tensor:
+    """The main output tensor of any test model."""
+    out = model(**kwargs)
+    return out if isinstance(out, torch.Tensor) else out.logits
