@@ -6,6 +6,9 @@
 from dpeft.api import get_peft_model, inject_adapter_in_model
 from dpeft.config import PeftConfig, TaskType, get_peft_config
 from dpeft.methods import PeftType, registered_methods
+from dpeft.methods.ia3 import IA3Config
+from dpeft.methods.loha import LoHaConfig
+from dpeft.methods.lokr import LoKrConfig
 from dpeft.methods.lora import LoraConfig
 from dpeft.model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
@@ -19,6 +22,7 @@ from dpeft.model import (
     get_peft_model_state_dict,
     set_peft_model_state_dict,
 )
+from dpeft.quant.prepare import prepare_model_for_kbit_training
 from dpeft.store import AdapterStore
 
 __version__ = "0.1.0"
@@ -26,6 +30,9 @@ __version__ = "0.1.0"
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "AdapterStore",
+    "IA3Config",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoraConfig",
     "PeftConfig",
     "PeftModel",
@@ -41,6 +48,7 @@ __all__ = [
     "get_peft_model",
     "get_peft_model_state_dict",
     "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
     "registered_methods",
     "set_peft_model_state_dict",
 ]

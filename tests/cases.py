@@ -54,3 +54,56 @@ CASES: list[Case] = [
     Case("lora-bert-seqcls", "bert", lora(target_modules=["query", "value"], task_type="SEQ_CLS")),
     Case("lora-gpt2", "gpt2", lora(target_modules=["c_attn"], task_type="CAUSAL_LM")),
 ]
+
+
+def ia3(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_ia3_weights", False)
+    return lambda: dpeft.IA3Config(**kw)
+
+
+CASES += [
+    Case("ia3-linear", "mlp", ia3(target_modules=["lin0", "lin1"], feedforward_modules=[])),
+    Case("ia3-linear-feedforward", "mlp", ia3(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"])),
+    Case("ia3-regex-feedforward", "mlp", ia3(target_modules=r"lin[01]", feedforward_modules=r"lin0")),
+    Case("ia3-modules-to-save", "mlp", ia3(target_modules=["lin0"], feedforward_modules=[], modules_to_save=["lin2"])),
+    Case("ia3-conv1d-transformers", "emb_conv1d", ia3(target_modules=["conv1d"], feedforward_modules=[])),
+    Case("ia3-conv1d-transformers-ff", "emb_conv1d", ia3(target_modules=["conv1d"], feedforward_modules=["conv1d"])),
+    Case("ia3-conv2d", "conv2d", ia3(target_modules=["conv2d", "conv2d_1x1"], feedforward_modules=["conv2d_1x1"])),
+    Case("ia3-llama-default-targets", "llama", ia3(task_type="CAUSAL_LM")),
+    Case("ia3-gpt2", "gpt2", ia3(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
+                                 task_type="CAUSAL_LM")),
+]
+
+
+def loha(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_weights", False)
+    return lambda: dpeft.LoHaConfig(**kw)
+
+
+def lokr(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_weights", False)
+    return lambda: dpeft.LoKrConfig(**kw)
+
+
+CASES += [
+    Case("loha-linear", "mlp", loha(target_modules=["lin0", "lin1"])),
+    Case("loha-patterns", "mlp", loha(target_modules=["lin0", "lin1"], r=4, rank_pattern={"lin1": 2},
+                                      alpha_pattern={"lin0": 16})),
+    Case("loha-modules-to-save", "mlp", loha(target_modules=["lin0"], modules_to_save=["lin2"])),
+    Case("loha-conv1d", "conv1d", loha(target_modules=["conv1d"])),
+    Case("loha-conv1d-effective", "conv1d", loha(target_modules=["conv1d"], use_effective_conv2d=True)),
+    Case("loha-conv2d", "conv2d", loha(target_modules=["conv2d", "conv2d_1x1"])),
+    Case("loha-conv2d-effective", "conv2d", loha(target_modules=["conv2d", "conv2d_1x1"], use_effective_conv2d=True)),
+    Case("loha-llama", "llama", loha(target_modules=["q_proj", "v_proj"], r=4, task_type="CAUSAL_LM")),
+    Case("lokr-linear", "mlp", lokr(target_modules=["lin0", "lin1"])),
+    Case("lokr-decompose-both", "mlp", lokr(target_modules=["lin0", "lin1"], r=2, decompose_both=True)),
+    Case("lokr-decompose-factor", "mlp", lokr(target_modules=["lin0", "lin1"], r=1, decompose_factor=2)),
+    Case("lokr-patterns", "mlp", lokr(target_modules=["lin0", "lin1"], rank_pattern={"lin1": 1},
+                                      alpha_pattern={"lin0": 16})),
+    Case("lokr-conv1d", "conv1d", lokr(target_modules=["conv1d"], r=1)),
+    Case("lokr-conv1d-effective", "conv1d", lokr(target_modules=["conv1d"], r=1, use_effective_conv2d=True)),
+    Case("lokr-conv2d", "conv2d", lokr(target_modules=["conv2d", "conv2d_1x1"])),
+    Case("lokr-conv2d-effective", "conv2d", lokr(target_modules=["conv2d", "conv2d_1x1"], r=1,
+                                                 use_effective_conv2d=True)),
+    Case("lokr-llama", "llama", lokr(target_modules=["q_proj", "v_proj", "down_proj"], r=2, task_type="CAUSAL_LM")),
+]

@@ -88,7 +88,7 @@ def tiny_gpt2(seed: int = 0):
 # name -> (builder(seed) -> model, inputs(generator) -> kwargs for forward)
 MODELS = {
     "mlp": (lambda seed=0: _seeded(MLP, seed), lambda g: {"X": torch.randn(4, 10, generator=g)}),
-    "emb_conv1d": (lambda seed=0: _seeded(EmbConv1D, seed), lambda g: {"X": torch.randint(0, 100, (4, 2), generator=g)}),
+    "emb_conv1d": (lambda seed=0: _seeded(EmbConv1D, seed), lambda g: {"X": torch.randint(0, 100, (4, 10), generator=g)}),
     "conv1d": (lambda seed=0: _seeded(Conv1dModel, seed), lambda g: {"X": torch.randint(0, 100, (4, 10), generator=g)}),
     "conv2d": (lambda seed=0: _seeded(Conv2dModel, seed), lambda g: {"X": torch.randn(4, 5, 6, 6, generator=g)}),
     "llama": (tiny_llama, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}),

@@ -12,6 +12,9 @@ from typing import Any, ClassVar
 
 CONFIG_NAME = "adapter_config.json"
 
+# Keys PEFT writes about the file rather than the adapter: kept and saved back, never warned about.
+_METADATA_KEYS = frozenset({"peft_version"})
+
 # peft_type value -> config class; filled by `dpeft.methods.register_method`, read by `PeftConfig.from_peft_type`.
 _CONFIG_CLASSES: dict[str, type[PeftConfig]] = {}
 
@@ -128,7 +131,9 @@ class PeftConfig:
         config = cls(**known)
         if unknown:
             # Drop keys PEFT writes that carry only default-valued features dpeft does not implement.
-            significant = {k for k, v in unknown.items() if v not in (None, False, {}, [], "")}
+            significant = {
+                k for k, v in unknown.items() if k not in _METADATA_KEYS and v not in (None, False, {}, [], "")
+            }
             if significant:
                 warnings.warn(
                     f"{cls.__name__}: keeping unknown config keys {sorted(significant)} (written by a newer PEFT?); "

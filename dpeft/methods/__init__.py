@@ -5,5 +5,8 @@ from dpeft.methods.registry import Method, get_method, register_method, register
 from dpeft.methods.types import PeftType
 
 from dpeft.methods import lora  # noqa: E402,F401  (registers the method)
+from dpeft.methods import ia3  # noqa: E402,F401
+from dpeft.methods import loha  # noqa: E402,F401
+from dpeft.methods import lokr  # noqa: E402,F401
 
 __all__ = ["Method", "MethodLayer", "PeftType", "get_method", "register_method", "registered_methods"]

@@ -38,6 +38,14 @@ class MethodLayer:
     def after_allocation(self, p: dict[str, torch.Tensor]) -> None:
         """Initialise tensors that depend on others (e.g. DoRA's magnitude); called once after fresh allocation."""
 
+    #: Whether `transform_input` changes the input of the base layer (the wrapper then calls the base layer on the
+    #: transformed input, also per adapter group in a mixed batch).
+    transforms_input: bool = False
+
+    def transform_input(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The input the base layer sees with this adapter active (e.g. IA3 on feedforward layers scales it)."""
+        return x
+
     def forward(self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
         """Return the layer output with this adapter applied, given the input and the output so far."""
         raise NotImplementedError

@@ -66,6 +66,17 @@ class AdaptedLayer(nn.Module):
                 x = x.to(dtype)
         return self.methods[name].forward(x, result, p, self.training)
 
+    def _base_input(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The base layer's input: `x` through the `transform_input` of each listed adapter that has one."""
+        for name in names:
+            method = self.methods.get(name)
+            if method is None or not method.transforms_input:
+                continue
+            p = self.store.get(self.entries[name])
+            dtype = next(iter(p.values())).dtype
+            x = method.transform_input(x.to(dtype), p).to(x.dtype)
+        return x
+
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged_adapters:
@@ -74,9 +85,9 @@ class AdaptedLayer(nn.Module):
         routing = self.ctx.adapter_names
         if routing is not None:
             return self._mixed_forward(x, routing, args, kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged_adapters:
-            return result
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(self._base_input(x, self.active_adapters), *args, **kwargs)
         dtype = result.dtype
         for name in self.active_adapters:
             if name in self.methods:
@@ -97,7 +108,12 @@ class AdaptedLayer(nn.Module):
             if name == BASE_ADAPTER or name not in self.methods:
                 continue
             index = torch.tensor(idx, device=result.device)
-            sub = self._apply(name, x.index_select(0, index), result.index_select(0, index))
+            x_rows = x.index_select(0, index)
+            if self.methods[name].transforms_input:
+                sub_result = self.base_layer(self._base_input(x_rows, [name]), *args, **kwargs)
+            else:
+                sub_result = result.index_select(0, index)
+            sub = self._apply(name, x_rows, sub_result)
             result = result.to(sub.dtype).index_copy(0, index, sub)
         return result if result.dtype == dtype else result.to(dtype)
 

@@ -144,8 +144,14 @@ class PeftModel(nn.Module):
     def unmerge_adapter(self) -> None:
         self.base_model.unmerge_adapter()
 
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None,
+        quantized_merge: str = "requantize",
+    ) -> nn.Module:
+        """Merge and return the base model; `quantized_merge` ("requantize"/"dequantize") is for quantized bases."""
+        return self.base_model.merge_and_unload(
+            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names, quantized_merge=quantized_merge
+        )
 
     def unload(self) -> nn.Module:
         return self.base_model.unload()
@@ -183,19 +189,26 @@ class PeftModel(nn.Module):
             raise ValueError(f"cannot save adapters {missing}: not loaded; loaded adapters: {list(self.peft_config)}")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a directory")
+        # Under the sharded store, gathering full tensors is a collective every rank must take part in.
+        states = {n: get_peft_model_state_dict(self, adapter_name=n) for n in names} if (
+            is_main_process or self.store.backend == "sharded") else {}
         if not is_main_process:
             return
         for name in names:
             directory = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
-            state = get_peft_model_state_dict(self, adapter_name=name)
+            state = states[name]
             save_adapter_weights(state, directory, safe_serialization=safe_serialization)
             config = self.peft_config[name]
             inference_mode = config.inference_mode
             if config.base_model_name_or_path is None:
                 config.base_model_name_or_path = getattr(self.get_base_model(), "name_or_path", None) or None
             config.inference_mode = True
+            extra = {}
+            if config.task_type is None:  # PEFT records the base class of models it has no task class for
+                base_cls = type(self.get_base_model())
+                extra["auto_mapping"] = {"base_model_class": base_cls.__name__, "parent_library": base_cls.__module__}
             try:
-                config.save_pretrained(directory)
+                config.save_pretrained(directory, **extra)
             finally:
                 config.inference_mode = inference_mode
 
@@ -219,12 +232,18 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         model_cls = task_model_class(config.task_type) if cls is PeftModel else cls
         state = load_adapter_weights(os.path.join(model_id, kwargs.get("subfolder") or ""))
-        peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                               low_cpu_mem_usage=True)
+        trainability = _trainability(model)
+        try:
+            peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                   low_cpu_mem_usage=True)
+        except BaseException:
+            _restore(trainability)
+            raise
         try:
             peft_model._load_state(state, adapter_name, torch_dtype)
         except BaseException:
             peft_model.base_model.delete_adapter(adapter_name, _rollback=True)
+            _restore(trainability)  # injection froze the base; a failed load must leave it as it was
             raise
         if not is_trainable:
             peft_model.eval()
@@ -253,11 +272,23 @@ class PeftModel(nn.Module):
         config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config.inference_mode = not is_trainable
         state = load_adapter_weights(os.path.join(model_id, kwargs.get("subfolder") or ""), device=torch_device or "cpu")
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
+        trainability = _trainability(self)
         try:
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
             self._load_state(state, adapter_name, torch_dtype)
         except BaseException:
-            self.base_model.delete_adapter(adapter_name, _rollback=True)
+            if adapter_name in self.peft_config:
+                self.base_model.delete_adapter(adapter_name, _rollback=True)
+            _restore(trainability)
             raise
         if not is_trainable:
             self.eval()
+
+
+def _trainability(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    return [(p, p.requires_grad) for p in model.parameters()]
+
+
+def _restore(trainability: list[tuple[nn.Parameter, bool]]) -> None:
+    for param, requires_grad in trainability:
+        param.requires_grad_(requires_grad)

@@ -7,6 +7,8 @@ import re
 from torch import nn
 
 from dpeft.config import PeftConfig
+from dpeft.model.layer import AdaptedLayer
+from dpeft.model.modules_to_save import ModulesToSaveWrapper
 
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -40,6 +42,10 @@ def _is_linear(module: nn.Module) -> bool:
 def resolve_target_modules(config: PeftConfig, model: nn.Module) -> None:
     """Fill in `config.target_modules` when it is None (per-model default) or "all-linear" (every linear layer
     except the output head), the way HF PEFT does; other values are left as they are."""
+    fill_defaults = getattr(config, "fill_model_defaults", None)
+    if fill_defaults is not None:
+        # A method with its own per-model defaults (its own target table, or fields that go with it) sets them first.
+        fill_defaults(getattr(getattr(model, "config", None), "model_type", None))
     targets = getattr(config, "target_modules", "<none>")
     if targets == "<none>":
         return
@@ -58,8 +64,13 @@ def resolve_target_modules(config: PeftConfig, model: nn.Module) -> None:
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if output is None and getattr(config, "task_type", None) == "SEQ_CLS":
             output = next((getattr(model, n) for n in SEQ_CLS_HEAD_NAMES if hasattr(model, n)), None)
-        names = []
+        names, wrapped = [], []
         for name, module in model.named_modules():
+            if any(name.startswith(w + ".") for w in wrapped):
+                continue  # a wrapper's base layer, adapter tensors or saved copies: never targets themselves
+            if isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
+                wrapped.append(name)
+                module = module.base_layer if isinstance(module, AdaptedLayer) else module.original_module
             if module is output:
                 exclude.add(name)
             elif _is_linear(module) and name:

@@ -18,7 +18,8 @@ from dpeft.methods import get_method
 from dpeft.model.layer import AdaptedLayer, ForwardContext
 from dpeft.model.modules_to_save import ModulesToSaveWrapper
 from dpeft.model.targets import is_target, resolve_target_modules
-from dpeft.quant import get_handler, supported_layer_types
+from dpeft.quant import get_handler, is_bnb_layer, quantized_handler, supported_layer_types
+from dpeft.quant.merge import base_quantization, check_quantized_merge, dequantize_model, record_quantized_merge
 from dpeft.store import AdapterStore
 
 
@@ -124,6 +125,9 @@ class AdapterModel(nn.Module):
             if method_layer is None:
                 unsupported.append(f"{name} ({type(layer.base_layer).__name__})")
                 continue
+            if layer.handler.kind == "linear" and hasattr(config, "fan_in_fan_out"):
+                # The layer decides its weight layout; the saved config records it as PEFT's does.
+                config.fan_in_fan_out = layer.handler.fan_in_fan_out
             if layer is not module:
                 parent, child = _parent(self.model, name)
                 setattr(parent, child, layer)
@@ -208,9 +212,10 @@ class AdapterModel(nn.Module):
                 setattr(parent, child, module.base_layer if isinstance(module, AdaptedLayer) else module.original_module)
         self.store.remove(adapter_name)
         if not _rollback and adapter_name in self.active_adapters:
-            remaining = list(self.peft_config)
+            # As in PEFT: the other active adapters stay active; with none left, the first remaining one is.
+            remaining = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
             if remaining:
-                self.set_adapter(remaining[0])
+                self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
 
     def enable_adapter_layers(self) -> None:
         for _, module in self._wrappers():
@@ -228,11 +233,19 @@ class AdapterModel(nn.Module):
         for _, layer in self.adapted_layers():
             layer.unmerge()
 
-    def _unload(self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names: list[str] | None) -> nn.Module:
+    def _unload(
+        self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names: list[str] | None,
+        quantized_merge: str = "requantize",
+    ) -> nn.Module:
+        check_quantized_merge(quantized_merge)
+        quantization = base_quantization(self.model) if merge else None
+        dequantize = merge and quantized_merge == "dequantize"
         wrappers = list(self._wrappers())
         for name, module in tqdm(wrappers, disable=not progressbar, desc="Unloading " + ("and merging " * merge)):
             parent, child = _parent(self.model, name)
             if isinstance(module, AdaptedLayer):
+                if dequantize and is_bnb_layer(module.base_layer):
+                    _replace_base_layer(module, quantized_handler(module.base_layer).to_float_module())
                 if merge:
                     module.merge(safe_merge=safe_merge, adapter_names=adapter_names)
                 setattr(parent, child, module.base_layer)
@@ -242,17 +255,36 @@ class AdapterModel(nn.Module):
         for name in list(self.peft_config):
             self.store.remove(name)
         self.peft_config.clear()
+        if dequantize:
+            dequantize_model(self.model)
+        if quantization is not None:
+            record_quantized_merge(self.model, quantized_merge, quantization)
         return self.model
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None,
+        quantized_merge: str = "requantize",
     ) -> nn.Module:
-        """Merge adapters into the base weights and return the plain base model."""
-        return self._unload(True, progressbar, safe_merge, adapter_names)
+        """Merge adapters into the base weights and return the plain base model.
+
+        Args:
+            quantized_merge: For quantized (bitsandbytes) base layers: ``"requantize"`` quantizes the merged weight
+                back into the layer (PEFT's behaviour; rounds to the quantization grid), ``"dequantize"`` returns a
+                float model (every quantized layer becomes an `nn.Linear`). See `dpeft.quant.merge`.
+        """
+        return self._unload(True, progressbar, safe_merge, adapter_names, quantized_merge)
 
     def unload(self) -> nn.Module:
         """Remove all adapters without merging and return the plain base model."""
         return self._unload(False, False, False, None)
+
+
+def _replace_base_layer(layer: AdaptedLayer, base_layer: nn.Module) -> None:
+    """Put another base layer under `layer`, with its handler given to the layer and its method layers."""
+    handler = get_handler(base_layer)
+    layer.base_layer, layer.handler = base_layer, handler
+    for method in layer.methods.values():
+        method.handler = handler
 
 
 def _inside_wrapper(model: nn.Module, name: str) -> bool:

@@ -57,6 +57,10 @@ class BaseHandler:
         """Turn an (out, in, ...) tensor into the layout the layer stores (inverse of `weight()`'s transpose)."""
         return weight
 
+    def logical_layout(self, stored: torch.Tensor) -> torch.Tensor:
+        """Turn a tensor in the layer's stored layout into (out, in, ...) (inverse of `stored_layout`)."""
+        return stored
+
     def set_weight(self, weight: torch.Tensor) -> None:
         """Write an (out, in, ...) float weight back into the layer, in its own dtype and layout."""
         w = self.stored_layout(weight).to(self.weight_param.dtype)
@@ -102,6 +106,9 @@ class TransformersConv1DHandler(BaseHandler):
 
     def stored_layout(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.T
+
+    def logical_layout(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.T
 
 
 class EmbeddingHandler(BaseHandler):

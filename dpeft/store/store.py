@@ -6,7 +6,7 @@ Method layers declare `ParamSpec`s at injection and ask for their tensors in for
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +30,10 @@ class Entry:
     specs: dict[str, ParamSpec]
     params: dict[str, nn.Parameter] = field(default_factory=dict)
     bucket: int = 0
+    #: The module the tensors are registered under (None for adopted entries, whose module owns them).
+    owner: nn.Module | None = field(default=None, repr=False)
+    #: True once the sharded backend holds only this rank's shard of each tensor in `params`.
+    sharded: bool = False
 
     def peft_key(self, name: str) -> str:
         return f"{PEFT_PREFIX}{self.module_name}.{self.specs[name].save_suffix}"
@@ -46,6 +50,8 @@ class AdapterStore:
         if backend != "local":
             raise ValueError(f"store backend {backend!r} is not available; available: 'local'")
         self.backend = backend
+        self._sharded = None  # the ShardedBackend once `shard()` ran
+        self._replicated: set[int] = set()  # adopted entries whose gradients the sharded backend averages
         self._entries: dict[str, list[Entry]] = {}
         self._by_key: dict[str, dict[str, tuple[Entry, str]]] = {}
 
@@ -65,7 +71,7 @@ class AdapterStore:
 
         With ``init=False`` the tensors are left uninitialised, for a caller that loads every one of them next.
         """
-        entry = Entry(adapter, module_name, {s.name: s for s in specs})
+        entry = Entry(adapter, module_name, {s.name: s for s in specs}, owner=owner)
         for spec in entry.specs.values():
             tensor = torch.empty(spec.shape, device=device, dtype=spec.dtype or dtype)
             if init:
@@ -105,12 +111,73 @@ class AdapterStore:
         """Forget every tensor of `adapter` (the caller detaches the modules that held them)."""
         self._entries.pop(adapter, None)
         self._by_key.pop(adapter, None)
+        if self._sharded is not None:
+            self._sharded.forget(adapter)
 
     # ---------------------------------------------------------------- forward
-    @staticmethod
-    def get(entry: Entry) -> dict[str, torch.Tensor]:
-        """The full logical tensors of `entry`, differentiable; the hot path of every method layer."""
-        return entry.params
+    def get(self, entry: Entry) -> dict[str, torch.Tensor]:
+        """The full logical tensors of `entry`, differentiable; the hot path of every method layer.
+
+        Under the sharded backend this gathers the entry's bucket (a collective: every rank runs the same forward).
+        """
+        return self._sharded.get(entry) if entry.sharded else entry.params
+
+    # ---------------------------------------------------------------- backends
+    def shard(self, group=None, bucket_of: Callable[[Entry], int] | None = None) -> None:
+        """Switch to the sharded backend in place: each declared tensor keeps only this rank's dim-0 shard.
+
+        Idempotent: entries sharded before are left alone, entries declared since are sharded now. Values are
+        taken from rank 0 first, so ranks that initialised differently still agree. Adopted entries (copied
+        modules) stay replicated and get their gradients averaged over ranks.
+
+        Args:
+            group: The data-parallel process group (default: the whole job).
+            bucket_of: Bucket index of an entry; entries of one adapter in one bucket are gathered in one
+                collective. Default: the transformer block index in the module name.
+        """
+        from dpeft.store.sharded import ShardedBackend, block_index
+
+        if self._sharded is None:
+            self._sharded = ShardedBackend(group)
+        bucket_of = bucket_of or (lambda entry: block_index(entry.module_name))
+        todo = [e for entries in self._entries.values() for e in entries if not e.sharded and e.owner is not None]
+        self._sharded.shard_entries(todo, bucket_of, _reattach)
+        hook = self._sharded.all_reduce_grad_hook()
+        for entries in self._entries.values():
+            for entry in entries:
+                if entry.owner is None and id(entry) not in self._replicated:
+                    for param in entry.params.values():
+                        self._sharded.broadcast_(param)
+                        param.register_post_accumulate_grad_hook(hook)
+                    self._replicated.add(id(entry))
+        self.backend = "sharded"
+
+    def optimizer_parameters(self) -> list[nn.Parameter]:
+        """The trainable tensors an optimizer should be built on (local shards under the sharded backend)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def sharded_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every adapter's tensors for `torch.distributed.checkpoint`, keyed ``adapter/<name>/<PEFT key>``.
+
+        Sharded tensors are `DTensor`s (``Shard(0)`` over the logical shape), so nothing is gathered and a load
+        at another world size reshards; other tensors are plain (replicated) tensors.
+        """
+        out = {}
+        for adapter, keys in self._by_key.items():
+            for key, (entry, name) in keys.items():
+                sharded = entry.sharded
+                out[f"adapter/{adapter}/{key}"] = (
+                    self._sharded.dtensor(entry, name) if sharded else entry.params[name].detach()
+                )
+        return out
+
+    def param_keys(self) -> dict[int, tuple[str, tuple[int, ...], bool]]:
+        """id(parameter) -> (checkpoint key, logical shape, sharded) for every tensor of the store."""
+        return {
+            id(entry.params[name]): (f"adapter/{adapter}/{key}", tuple(entry.specs[name].shape), entry.sharded)
+            for adapter, keys in self._by_key.items()
+            for key, (entry, name) in keys.items()
+        }
 
     # ---------------------------------------------------------------- inspection
     @property
@@ -138,7 +205,10 @@ class AdapterStore:
     def state_dict(self, adapter: str) -> dict[str, torch.Tensor]:
         """Full tensors of `adapter` under PEFT's saved key names (adapter name stripped)."""
         self._require(adapter)
-        return {key: entry.params[name].detach() for key, (entry, name) in self._by_key[adapter].items()}
+        return {
+            key: self._sharded.full_tensor(entry, name) if entry.sharded else entry.params[name].detach()
+            for key, (entry, name) in self._by_key[adapter].items()
+        }
 
     def check_state_dict(self, adapter: str, state_dict: dict[str, torch.Tensor], *, strict: bool = True) -> None:
         """Raise `ValueError` naming each key or shape of `state_dict` that does not fit `adapter`."""
@@ -177,7 +247,9 @@ class AdapterStore:
             for key, tensor in state_dict.items():
                 entry, name = expected[key]
                 param = entry.params[name]
-                if assign and tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
+                if entry.sharded:
+                    self._sharded.load_full(entry, name, tensor)
+                elif assign and tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
                     param.data = tensor  # adopt the freshly read buffer: no second copy
                 else:
                     param.copy_(tensor)
@@ -201,6 +273,11 @@ def _attach(owner: nn.Module, path: tuple[str, ...], param: nn.Parameter) -> Non
             module.add_module(part, child)
         module = child
     module.register_parameter(path[-1], param)
+
+
+def _reattach(entry: Entry, name: str, param: nn.Parameter) -> None:
+    """Register `param` (a shard) where `entry`'s tensor `name` was registered."""
+    _attach(entry.owner, entry.specs[name].module_path(entry.adapter), param)
 
 
 def detach_holders(owner: nn.Module, adapter: str) -> None:

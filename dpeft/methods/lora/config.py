@@ -81,5 +81,8 @@ class LoraConfig(TargetConfigMixin, PeftConfig):
                 f"this LoRA config uses PEFT features dpeft does not implement: {turned_on}; "
                 "remove them (or set them to their defaults) to load it"
             )
-        data = {k: v for k, v in data.items() if k not in _UNIMPLEMENTED_DEFAULTS}
-        return super().from_dict(data)
+        # Kept (silently: they are at their "off" values) so that PEFT's JSON saves back unchanged.
+        off = {k: v for k, v in data.items() if k in _UNIMPLEMENTED_DEFAULTS}
+        config = super().from_dict({k: v for k, v in data.items() if k not in _UNIMPLEMENTED_DEFAULTS})
+        config.extra_fields = {**off, **config.extra_fields}
+        return config

@@ -1,0 +1,60 @@
+"""Checks of a run config against the job, the store backend choice, and the PEFT model of a run."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from dpeft.config.run_config import RunConfig
+from dpeft.dist import DistInfo
+from dpeft.train.data import PACKAGED
+from dpeft.train.models import PACKAGED_MODELS
+
+_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
+
+
+def validate(cfg: RunConfig) -> None:
+    """Raise `ValueError` for settings that cannot run, before anything is built or written."""
+    t = cfg.train
+    if t.steps < 1 or t.global_batch_size < 1 or t.grad_accum_steps < 1:
+        raise ValueError("train.steps, train.global_batch_size and train.grad_accum_steps must be >= 1")
+    if t.global_batch_size % t.grad_accum_steps:
+        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                         f"train.grad_accum_steps={t.grad_accum_steps}")
+    unknown = sorted(set(t.eval_metrics) - {"loss", "accuracy", "perplexity"})
+    if unknown or ("accuracy" in t.eval_metrics and cfg.model.task != "seq_cls"):
+        raise ValueError(f"train.eval_metrics={t.eval_metrics}: use loss, perplexity, and accuracy (seq_cls only)")
+    if cfg.data.source not in PACKAGED and not os.path.isfile(cfg.data.source):
+        raise ValueError(f"data.source {cfg.data.source!r} is neither a packaged dataset {sorted(PACKAGED)} nor an "
+                         "existing local .jsonl/.csv/.txt file")
+    if cfg.model.source not in PACKAGED_MODELS and not os.path.isfile(os.path.join(cfg.model.source, "config.json")):
+        raise ValueError(f"model.source {cfg.model.source!r} is neither a packaged model {list(PACKAGED_MODELS)} "
+                         "nor a local Hugging Face folder with a config.json")
+    if not isinstance(cfg.peft.get("peft_type"), str):
+        raise ValueError("peft.peft_type must name the method, e.g. LORA")
+
+
+def resolve_backend(backend: str, world_size: int) -> str:
+    """'auto' is 'local' in one process and 'sharded' in a distributed job."""
+    if backend == "auto":
+        return "sharded" if world_size > 1 else "local"
+    return backend
+
+
+def build_peft_model(model: nn.Module, cfg: RunConfig, backend: str, info: DistInfo) -> nn.Module:
+    """Wrap `model` with the configured adapter (seeded: identical on every rank) and shard it when asked."""
+    from dpeft.api import get_peft_model
+    from dpeft.config import get_peft_config
+
+    if cfg.train.global_batch_size % (info.world_size * cfg.train.grad_accum_steps):
+        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of world size "
+                         f"({info.world_size}) x train.grad_accum_steps ({cfg.train.grad_accum_steps})")
+    peft = dict(cfg.peft)
+    peft.setdefault("task_type", _TASK_TYPES[cfg.model.task])
+    torch.manual_seed(cfg.train.seed)
+    peft_model = get_peft_model(model, get_peft_config(peft))
+    if backend == "sharded" and info.world_size > 1:
+        peft_model.store.shard(info.group)
+    return peft_model

@@ -1,0 +1,236 @@
+"""Distributed checkpoints: resharding (save at W=2, resume at W=1 and W=4), crash safety, bad input, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from dist_utils import run_distributed  # noqa: E402
+from models import build  # noqa: E402
+
+import dpeft  # noqa: E402
+from dpeft.checkpoint.dcp import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from dpeft.checkpoint.export import export_checkpoint  # noqa: E402
+
+GLOBAL_BATCH = 4
+
+
+def _config(r: int = 6, **kw) -> dpeft.LoraConfig:
+    return dpeft.LoraConfig(target_modules=["q_proj", "v_proj", "up_proj"], r=r, task_type="CAUSAL_LM", **kw)
+
+
+def _setup(config=None):
+    """Same model and optimizer on every rank; sharded when the job has more than one rank."""
+    import torch.distributed as dist
+
+    base, _ = build("llama")
+    torch.manual_seed(0)
+    model = dpeft.get_peft_model(base, config or _config())
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world > 1:
+        model.store.shard()
+    opt = torch.optim.AdamW(model.store.optimizer_parameters(), lr=1e-2)
+    return model, opt
+
+
+def _steps(model, opt, first: int, n: int) -> list[float]:
+    """`n` AdamW steps on global batches (seeded by step); each rank takes its rows; returns global losses."""
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    losses = []
+    for step in range(first, first + n):
+        ids = torch.randint(0, 64, (GLOBAL_BATCH, 8), generator=torch.Generator().manual_seed(step))
+        mine = ids.chunk(world)[rank]
+        loss = model(input_ids=mine, labels=mine).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        total = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(total)
+        losses.append(total.item() / world)
+    return losses
+
+
+def _snapshot(model, opt) -> dict:
+    """Full adapter tensors (gathered) and this rank's optimizer shards, for comparing runs."""
+    keys = model.store.param_keys()
+    optim = {keys[id(p)][0]: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    return {"adapter": model.store.state_dict("default"), "optim": optim}
+
+
+def _save_then_continue(root: str, n: int) -> dict:
+    model, opt = _setup()
+    first = _steps(model, opt, 0, n)
+    path = save_checkpoint(root, n, model, opt, {"step": n, "data_position": n * GLOBAL_BATCH})
+    at_save = _snapshot(model, opt)
+    more = _steps(model, opt, n, n)
+    return {"first": first, "more": more, "path": path, "at_save": at_save, "final": _snapshot(model, opt)}
+
+
+def _resume_and_continue(root: str, n: int) -> dict:
+    model, opt = _setup()
+    path = latest_checkpoint(root)
+    extra = load_checkpoint(path, model, opt)
+    at_load = _snapshot(model, opt)
+    more = _steps(model, opt, extra["step"], n)
+    return {"extra": extra, "more": more, "at_load": at_load, "final": _snapshot(model, opt)}
+
+
+def _full_optim(per_rank: list[dict]) -> dict:
+    """Reassemble full optimizer state from ranks' shards (dim-0 chunks in rank order)."""
+    out = {}
+    for key in per_rank[0]:
+        out[key] = {}
+        for name, value in per_rank[0][key].items():
+            parts = [r[key][name] for r in per_rank]
+            out[key][name] = value if value.dim() == 0 else torch.cat(parts)
+    return out
+
+
+def _assert_same_state(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        diff = (a[key] - b[key]).abs().max().item() if a[key].numel() else 0.0
+        assert diff <= atol, f"{key}: {diff}"
+
+
+def test_reshard_w2_to_w1_and_w4(tmp_path):
+    root, n = str(tmp_path / "ckpt"), 3
+    saved = run_distributed(_save_then_continue, 2, root, n)
+    ref = saved[0]
+    assert os.path.basename(ref["path"]) == f"step-{n:08d}"
+    manifest = json.load(open(os.path.join(ref["path"], "dpeft.json")))
+    assert manifest["world_size"] == 2 and manifest["extra"]["data_position"] == n * GLOBAL_BATCH
+    ref_optim = _full_optim([r["at_save"]["optim"] for r in saved])
+    ref_final_optim = _full_optim([r["final"]["optim"] for r in saved])
+
+    w1 = _resume_and_continue(root, n)  # in this process: the plain local store, no process group
+    w4 = run_distributed(_resume_and_continue, 4, root, n)
+    for name, runs in (("W=1", [w1]), ("W=4", w4)):
+        assert runs[0]["extra"]["step"] == n, name
+        _assert_same_state(runs[0]["at_load"]["adapter"], ref["at_save"]["adapter"], 0.0)
+        loaded = _full_optim([r["at_load"]["optim"] for r in runs])
+        for key in ref_optim:
+            _assert_same_state(loaded[key], ref_optim[key], 0.0)
+        # identical continuation: same losses and the same adapter and optimizer state afterwards
+        assert max(abs(a - b) for a, b in zip(runs[0]["more"], ref["more"])) < 1e-5, (name, runs[0]["more"], ref["more"])
+        _assert_same_state(runs[0]["final"]["adapter"], ref["final"]["adapter"], 1e-5)
+        final = _full_optim([r["final"]["optim"] for r in runs])
+        for key in ref_final_optim:
+            _assert_same_state(final[key], ref_final_optim[key], 1e-5)
+
+    # export: PEFT format from the W=2 checkpoint loads in HF PEFT with the in-memory model's outputs
+    out = str(tmp_path / "exported")
+    export_checkpoint(ref["path"], out)
+    _check_hf_peft_outputs(out, ref["at_save"]["adapter"])
+
+
+def _check_hf_peft_outputs(adapter_dir: str, state: dict) -> None:
+    import peft
+
+    base, kw = build("llama")
+    torch.manual_seed(0)
+    ours = dpeft.get_peft_model(base, _config()).eval()
+    ours.store.load_state_dict("default", state)
+    with torch.no_grad():
+        expected = ours(**kw).logits
+    hf = peft.PeftModel.from_pretrained(build("llama")[0], adapter_dir).eval()
+    with torch.no_grad():
+        got = hf(**kw).logits
+    assert (got - expected).abs().max().item() < 1e-5
+    with torch.no_grad(), ours.disable_adapter():
+        assert (ours(**kw).logits - expected).abs().max().item() > 1e-4  # the adapter matters
+
+
+def _local_checkpoint(tmp_path, steps=(1,)):
+    model, opt = _setup()
+    root = str(tmp_path / "ckpt")
+    for step in steps:
+        _steps(model, opt, step - 1, 1)
+        save_checkpoint(root, step, model, opt, {"step": step})
+    return root, model, opt
+
+
+def test_bad_checkpoints_are_clear_errors_and_change_nothing(tmp_path):
+    root, model, opt = _local_checkpoint(tmp_path, steps=(1, 2, 3))
+    assert latest_checkpoint(root).endswith("step-00000003")
+    fresh, fresh_opt = _setup()
+    before = {k: v.clone() for k, v in fresh.store.state_dict("default").items()}
+
+    other_base, _ = build("llama", seed=5)  # another base model
+    other = dpeft.get_peft_model(other_base, _config())
+    with pytest.raises(ValueError, match="different base model"):
+        load_checkpoint(latest_checkpoint(root), other)
+    other_cfg, _ = _setup(_config(r=4))  # another adapter config
+    with pytest.raises(ValueError, match="another config.*'r'"):
+        load_checkpoint(latest_checkpoint(root), other_cfg)
+
+    path = latest_checkpoint(root)
+    shard = next(f for f in os.listdir(path) if f.endswith(".distcp"))
+    with open(os.path.join(path, shard), "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00garbage\x00")
+    with pytest.raises(ValueError, match=f"corrupted: {shard} \\(checksum mismatch\\)"):
+        load_checkpoint(path, fresh, fresh_opt)
+    with pytest.raises(ValueError, match="not a complete dpeft checkpoint"):
+        load_checkpoint(str(tmp_path), fresh)
+    for key, value in fresh.store.state_dict("default").items():
+        assert torch.equal(value, before[key]), key
+    assert not fresh_opt.state
+
+    # retention: keep_last=2 removes the oldest complete checkpoint
+    save_checkpoint(root, 4, model, opt, {"step": 4}, keep_last=2)
+    assert sorted(os.listdir(root)) == ["step-00000003", "step-00000004"]
+
+
+_KILLED_SAVE = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    import test_dcp
+    from dpeft.checkpoint import dcp
+    model, opt = test_dcp._setup()
+    test_dcp._steps(model, opt, 0, 1)
+    dcp.save_checkpoint({root!r}, 1, model, opt, {{"step": 1}})
+    test_dcp._steps(model, opt, 1, 1)
+    def stall(directory, manifest):  # shards are written; the manifest and the rename are not
+        open({marker!r}, "w").close()
+        time.sleep(120)
+    dcp.write_manifest = stall
+    dcp.save_checkpoint({root!r}, 2, model, opt, {{"step": 2}})
+""")
+
+
+def test_sigkill_mid_save_leaves_previous_checkpoint(tmp_path):
+    root, marker = str(tmp_path / "ckpt"), str(tmp_path / "marker")
+    script = _KILLED_SAVE.format(tests=os.path.dirname(__file__), root=root, marker=marker)
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(marker):
+            assert proc.poll() is None, "the saving process died before reaching the stall"
+            assert time.time() < deadline, "timed out waiting for the save to start"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert os.path.isdir(os.path.join(root, ".tmp-step-00000002"))  # the half-written save is there...
+    assert latest_checkpoint(root) == os.path.join(root, "step-00000001")  # ...and never picked
+    model, opt = _setup()
+    assert load_checkpoint(latest_checkpoint(root), model, opt) == {"step": 1}
+    assert opt.state  # the optimizer state came back
+    # a new save of the same step replaces the leftover temporary directory
+    save_checkpoint(root, 2, model, opt, {"step": 2})
+    assert sorted(os.listdir(root)) == ["step-00000001", "step-00000002"]

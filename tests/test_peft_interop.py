@@ -1,0 +1,161 @@
+"""Checkpoints and configs move both ways between dpeft and HF PEFT (the test-only oracle) with equal outputs.
+
+Every case-table row marked `peft_interop` runs here: LoRA on Linear, Conv1d, Conv2d, Embedding and transformers
+Conv1D, DoRA, rsLoRA, each bias mode, modules_to_save, rank/alpha patterns, and tiny llama / BERT / GPT-2 models.
+Adapter weights are perturbed after init so that every saved tensor (B, magnitudes, biases, heads) matters.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import assert_close, out, peft_config_of
+from models import build
+
+import dpeft
+from cases import CASES
+
+peft = pytest.importorskip("peft")
+
+INTEROP = [pytest.param(c, id=c.id) for c in CASES if c.peft_interop]
+
+
+@torch.no_grad()
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    """Move every trainable tensor away from its init (so a tensor that is not saved or loaded shows up)."""
+    g = torch.Generator().manual_seed(seed)
+    for _, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            param.add_(torch.randn(param.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("case", INTEROP)
+def test_peft_checkpoint_loads_in_dpeft(case, tmp_path):
+    base, kw = build(case.model)
+    reference = peft.get_peft_model(base, peft_config_of(case.config()))
+    _perturb(reference, seed=1)
+    reference.eval()
+    expected = out(reference, kw)
+    reference.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT's own config must load without an "unknown keys" warning
+        loaded = dpeft.PeftModel.from_pretrained(build(case.model)[0], tmp_path)
+    assert_close(out(loaded, kw), expected)
+    theirs = set(reference.state_dict())
+    ours = set(loaded.state_dict())
+    assert ours == theirs, f"module paths differ: only dpeft {sorted(ours - theirs)[:5]}, only PEFT {sorted(theirs - ours)[:5]}"
+
+
+@pytest.mark.parametrize("case", INTEROP)
+def test_dpeft_checkpoint_loads_in_peft(case, tmp_path):
+    base, kw = build(case.model)
+    model = dpeft.get_peft_model(base, case.config())
+    _perturb(model, seed=2)
+    model.eval()
+    expected = out(model, kw)
+    model.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(build(case.model)[0], tmp_path)
+    assert_close(out(loaded, kw), expected)
+    # Same saved keys and values as PEFT would write for this adapter.
+    ours = dpeft.get_peft_model_state_dict(model)
+    theirs = peft.get_peft_model_state_dict(loaded)
+    assert sorted(ours) == sorted(theirs)
+    for key, value in ours.items():
+        assert torch.equal(value, theirs[key]), key
+
+
+@pytest.mark.parametrize("case", INTEROP)
+def test_config_json_both_ways(case, tmp_path):
+    config = case.config()
+    model = dpeft.get_peft_model(build(case.model)[0], config)
+    model.save_pretrained(tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    theirs = peft.PeftConfig.from_pretrained(tmp_path / "ours")
+    for key, value in written.items():
+        if hasattr(theirs, key):
+            got = getattr(theirs, key)
+            got = sorted(got) if isinstance(got, set) else got
+            got = getattr(got, "value", got)
+            assert _canon(key, got) == _canon(key, value), f"{key}: PEFT read {got!r} from dpeft's {value!r}"
+    # PEFT's own JSON (with every field PEFT has) loads in dpeft and saves back unchanged.
+    reference = peft.get_peft_model(build(case.model)[0], peft_config_of(config))
+    reference.save_pretrained(tmp_path / "theirs")
+    peft_json = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    common = set(written) & set(peft_json)
+    assert {k: _canon(k, written[k]) for k in common} == {k: _canon(k, peft_json[k]) for k in common}
+    assert set(written) <= set(peft_json), f"dpeft writes keys PEFT does not: {set(written) - set(peft_json)}"
+    loaded = dpeft.PeftConfig.from_pretrained(tmp_path / "theirs")
+    assert type(loaded) is type(config)
+    loaded.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert again == peft_json
+
+
+def _canon(key: str, value):
+    """PEFT writes module-name sets in hash order; the order carries no meaning."""
+    sets = ("target_modules", "exclude_modules", "feedforward_modules")
+    return sorted(value) if key in sets and isinstance(value, list) else value
+
+
+def test_unknown_config_keys_are_kept_and_warned(tmp_path):
+    data = dpeft.LoraConfig(target_modules=["lin0"]).to_dict()
+    data["some_future_option"] = {"x": 1}
+    data["future_flag_off"] = None
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="some_future_option"):
+        config = dpeft.PeftConfig.from_pretrained(tmp_path)
+    assert config.extra_fields["some_future_option"] == {"x": 1}
+    config.save_pretrained(tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["some_future_option"] == {"x": 1} and "future_flag_off" in saved
+    assert saved == data
+
+
+def test_non_default_adapters_saved_in_subfolders_load_in_peft(tmp_path):
+    case = next(c for c in CASES if c.id == "lora-linear")
+    base, kw = build(case.model)
+    model = dpeft.get_peft_model(base, case.config())
+    torch.manual_seed(5)
+    model.add_adapter("other", case.config())
+    model.set_adapter("other")
+    model.eval()
+    expected = out(model, kw)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "other" / "adapter_model.safetensors").is_file()
+    loaded = peft.PeftModel.from_pretrained(build(case.model)[0], tmp_path / "other")
+    assert_close(out(loaded, kw), expected)
+    ours = dpeft.PeftModel.from_pretrained(build(case.model)[0], tmp_path)
+    ours.load_adapter(tmp_path / "other", adapter_name="other")
+    ours.set_adapter("other")
+    assert_close(out(ours, kw), expected, atol=0)
+
+
+def _llama_two_adapters():
+    base, kw = build("llama")
+    config = dict(target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    model = dpeft.get_peft_model(base, dpeft.LoraConfig(**config))
+    torch.manual_seed(7)
+    model.add_adapter("other", dpeft.LoraConfig(**config))
+    return model.eval(), kw
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_mixed_batch_equals_per_adapter(num_beams):
+    model, kw = _llama_two_adapters()
+    names = ["other", "__base__", "default", "other"]
+    ids = torch.cat([kw["input_ids"]] * 2)[:, :5]
+    gen = dict(max_new_tokens=4, do_sample=False, num_beams=num_beams, pad_token_id=0)
+    expected = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        expected[name] = model.generate(input_ids=ids, **gen)
+    with model.disable_adapter():
+        expected["__base__"] = model.generate(input_ids=ids, **gen)
+    model.set_adapter("default")
+    assert not torch.equal(expected["default"], expected["__base__"]), "adapters should change the generation"
+    mixed = model.generate(input_ids=ids, adapter_names=names, **gen)
+    for row, name in enumerate(names):
+        assert torch.equal(mixed[row], expected[name][row]), f"row {row} ({name})"
