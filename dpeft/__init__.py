@@ -6,9 +6,11 @@
 from dpeft.api import get_peft_model, inject_adapter_in_model
 from dpeft.config import PeftConfig, TaskType, get_peft_config
 from dpeft.methods import PeftType, registered_methods
+from dpeft.methods.fourierft import FourierFTConfig
 from dpeft.methods.ia3 import IA3Config
 from dpeft.methods.loha import LoHaConfig
 from dpeft.methods.lokr import LoKrConfig
+from dpeft.methods.ln_tuning import LNTuningConfig
 from dpeft.methods.lora import LoraConfig
 from dpeft.model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
@@ -30,7 +32,9 @@ __version__ = "0.1.0"
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
     "AdapterStore",
+    "FourierFTConfig",
     "IA3Config",
+    "LNTuningConfig",
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",

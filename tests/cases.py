@@ -107,3 +107,20 @@ CASES += [
                                                  use_effective_conv2d=True)),
     Case("lokr-llama", "llama", lokr(target_modules=["q_proj", "v_proj", "down_proj"], r=2, task_type="CAUSAL_LM")),
 ]
+
+
+def fourierft(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("n_frequency", 50)
+    kw.setdefault("scaling", 10.0)  # PEFT's 150 makes these tiny models' outputs ~100: fp32 merge error > 1e-5
+    return lambda: dpeft.FourierFTConfig(**kw)
+
+
+CASES += [
+    Case("fourierft-linear", "mlp", fourierft(target_modules=["lin0", "lin1"])),
+    Case("fourierft-bias-only", "mlp", fourierft(target_modules=["lin0"], bias="fourier_only", scaling=5.0)),
+    Case("fourierft-modules-to-save", "mlp", fourierft(target_modules=["lin0"], modules_to_save=["lin2"])),
+    Case("fourierft-conv1d-transformers", "emb_conv1d", fourierft(target_modules=["conv1d"], n_frequency=4)),
+    Case("fourierft-llama-pattern", "llama", fourierft(target_modules=["q_proj", "v_proj"], random_loc_seed=3,
+                                                       n_frequency_pattern={"v_proj": 20}, task_type="CAUSAL_LM")),
+    Case("fourierft-gpt2-default-targets", "gpt2", fourierft(task_type="CAUSAL_LM")),
+]

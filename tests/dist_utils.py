@@ -7,6 +7,7 @@ the default process group initialised through `dpeft.dist.init_distributed("cpu"
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -33,7 +34,9 @@ def _worker(rank: int, world_size: int, port: int, fn, args, results) -> None:
 
     try:
         init_distributed("cpu", timeout_s=120)
-        results.put((rank, True, fn(*args)))
+        # Plain pickle bytes: a tensor sent through a torch queue lives in shared memory that vanishes when
+        # this process exits, before the parent may have read it.
+        results.put((rank, True, pickle.dumps(fn(*args))))
     except BaseException:  # noqa: BLE001 - the parent re-raises it with the rank named
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -61,7 +64,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120) -> list:
                 raise RuntimeError(f"distributed run timed out after {timeout}s; ranks done: {sorted(out)}") from exc
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = pickle.loads(value)
     finally:
         for p in procs:
             p.join(timeout=10)

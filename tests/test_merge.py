@@ -291,7 +291,7 @@ def test_argument_errors(llama_dir: str, lora_adapter: str, tmp_path) -> None:
         run_merge(llama_dir, [lora_adapter], llama_dir, overwrite=True)
     with pytest.raises(ValueError, match="cannot read size"):
         run_merge(llama_dir, [lora_adapter], out, shard_size="2 gigs")
-    with pytest.raises(ValueError, match="has no adapter_config.json"):
+    with pytest.raises(ValueError, match="has neither adapter_config.json"):
         run_merge(llama_dir, [llama_dir], out)
     _nothing_written(tmp_path, out)
 

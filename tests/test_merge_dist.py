@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
+import socket
 import subprocess
-import sys
-import textwrap
 import time
+import traceback
 
 import pytest
 import torch
-from dist_utils import run_distributed
 from models import tiny_llama
 
 import dpeft
@@ -34,6 +34,50 @@ def base_and_adapter(tmp_path_factory) -> tuple[str, str]:
     return base, str(root / "adapter")
 
 
+def _forked_rank(rank: int, world_size: int, port: int, fn, args, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    from dpeft.dist import destroy_distributed, init_distributed
+
+    try:
+        init_distributed("cpu", timeout_s=120)
+        results.put((rank, True, fn(*args)))
+    except BaseException:  # noqa: BLE001 - reported by the parent with the rank named
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        destroy_distributed()
+
+
+def run_forked(fn, world_size: int, *args, timeout: float = 120) -> list:
+    """Run ``fn(*args)`` on `world_size` gloo ranks forked from this process (fn returns plain Python values).
+
+    Forked ranks inherit the imported torch and transformers; spawned ones (`dist_utils.run_distributed`) spend
+    most of their time importing them again on a busy machine.
+    """
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [
+        ctx.Process(target=_forked_rank, args=(r, world_size, port, fn, args, results)) for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    out = {}
+    try:
+        while len(out) < world_size:
+            rank, ok, value = results.get(timeout=timeout)
+            assert ok, f"rank {rank} failed:\n{value}"
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [out[r] for r in range(world_size)]
+
+
 def _merge(base: str, adapter: str, out: str) -> int:
     return merge_checkpoint(base, [adapter], out, shard_size="20KB", progress=False).rank_bytes
 
@@ -53,7 +97,7 @@ def test_one_two_and_four_ranks_write_identical_files(base_and_adapter, tmp_path
     assert len([n for n in reference if n.endswith(".safetensors")]) >= 4
     for world in (2, 4):
         out = str(tmp_path / f"w{world}")
-        written = run_distributed(_merge, world, base, adapter, out)
+        written = run_forked(_merge, world, base, adapter, out)
         assert sum(written) == total and all(b > 0 for b in written), written  # every rank wrote its share
         files = _files(out)
         assert sorted(files) == sorted(reference)
@@ -62,38 +106,36 @@ def test_one_two_and_four_ranks_write_identical_files(base_and_adapter, tmp_path
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
 
-_KILLED_CHILD = textwrap.dedent(
-    """
-    import sys, time
-    from dpeft.checkpoint import hf_shards, merge_checkpoint
+def _slow_merge(base: str, adapter: str, out: str) -> None:
+    """A merge slowed down (in this child only) so that the kill lands mid-write."""
+    from dpeft.checkpoint import hf_shards
 
     write = hf_shards.ShardWriter.write
 
-    def slow_write(self, name, tensor):  # slow the merge down so that the kill lands mid-write
+    def slow_write(self, name, tensor):
         time.sleep(0.2)
         write(self, name, tensor)
 
     hf_shards.ShardWriter.write = slow_write
-    merge_checkpoint(sys.argv[1], [sys.argv[2]], sys.argv[3], shard_size="20KB", progress=False)
-    """
-)
+    _merge(base, adapter, out)
 
 
 def test_killed_merge_publishes_nothing_and_a_rerun_succeeds(base_and_adapter, tmp_path) -> None:
     base, adapter = base_and_adapter
     out = str(tmp_path / "out")
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    child = subprocess.Popen([sys.executable, "-c", _KILLED_CHILD, base, adapter, out], env=env)
+    child = mp.get_context("fork").Process(target=_slow_merge, args=(base, adapter, out))
+    child.start()
     deadline = time.monotonic() + 60
     tmp = []
-    while time.monotonic() < deadline and child.poll() is None:
+    while time.monotonic() < deadline and child.is_alive():
         tmp = [n for n in os.listdir(tmp_path) if n.startswith("out.tmp-")]
         if tmp and [n for n in os.listdir(tmp_path / tmp[0]) if n.endswith(".safetensors")]:
             break
         time.sleep(0.01)
-    assert child.poll() is None, "the merge ended before it could be killed"
+    assert child.is_alive(), "the merge ended before it could be killed"
     os.kill(child.pid, signal.SIGKILL)
-    child.wait()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
     assert not os.path.exists(out), "a killed merge must not leave the output folder"
     assert tmp and not os.path.exists(tmp_path / tmp[0] / "config.json")  # the leftover is visibly incomplete
     _merge(base, adapter, out)

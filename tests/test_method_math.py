@@ -32,7 +32,6 @@ def _adapted(layer: nn.Module, config: dpeft.PeftConfig):
     """(peft model, the base layer's original copy, the adapter tensors dict) for a one-layer model."""
     torch.manual_seed(0)
     base = One(layer)
-    reference = type(layer)
     original = _copy(layer)
     model = dpeft.get_peft_model(base, config).eval()
     wrapped = model.base_model.model.layer

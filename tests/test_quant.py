@@ -41,16 +41,27 @@ class MethodRow:
     id: str
     config_cls: str
     kwargs: dict = field(default_factory=dict)
-    peft_interop: bool = True  # HF PEFT has this method on bnb layers
+    peft_interop: bool = True  # HF PEFT runs this method on bnb layers (checkpoints compared both ways)
+    peft_merge: bool = True  # HF PEFT's merge onto bnb layers is correct (re-quantizing merge compared with it)
+    feedforward: bool = False  # IA3: the last target is a feedforward module
     mergeable: bool = True
 
     def config(self, targets: list[str], task_type: str | None) -> dpeft.PeftConfig:
-        return getattr(dpeft, self.config_cls)(target_modules=list(targets), task_type=task_type, **self.kwargs)
+        kwargs = dict(self.kwargs)
+        if self.feedforward:
+            kwargs["feedforward_modules"] = [targets[-1]]
+        return getattr(dpeft, self.config_cls)(target_modules=list(targets), task_type=task_type, **kwargs)
 
 
+# PEFT's LoHa/LoKr/FourierFT wrap a bnb layer like a float nn.Linear: their forward is right, their merge adds
+# the delta to the packed integer weight, so only the forward and checkpoints are compared with PEFT for them.
 METHODS = [
     MethodRow("lora", "LoraConfig", {"r": 4, "lora_alpha": 8, "init_lora_weights": False}),
     MethodRow("dora", "LoraConfig", {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "use_dora": True}),
+    MethodRow("ia3", "IA3Config", {}, peft_merge=False, feedforward=True),
+    MethodRow("loha", "LoHaConfig", {"r": 4, "alpha": 8, "init_weights": False}, peft_merge=False),
+    MethodRow("lokr", "LoKrConfig", {"r": 2, "alpha": 4, "init_weights": False}, peft_merge=False),
+    MethodRow("fourierft", "FourierFTConfig", {"n_frequency": 16, "scaling": 10.0}, peft_merge=False),
 ]
 
 
@@ -76,8 +87,16 @@ def _loaded_llama(bits: int) -> nn.Module:
     """The tiny Llama loaded by transformers with bnb quantization, once per session (tests get copies)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                            bnb_4bit_compute_dtype=torch.float32) if bits == 4 else BitsAndBytesConfig(load_in_8bit=True))
+    q = (
+        BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        if bits == 4
+        else BitsAndBytesConfig(load_in_8bit=True)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return AutoModelForCausalLM.from_pretrained(_llama_dir(), quantization_config=q, device_map="cpu")
@@ -263,10 +282,14 @@ def test_merge_policies(method, base, record_property):
     record_property("requantize_rel_error", rel)
     print(f"[{method.id}-{base.id}] requantize merge: relative output error {rel:.3g}")
     assert rel > 0, "re-quantizing must round the merged weight"
-    if method.peft_interop:  # PEFT's merge on the same adapter is the reference for the re-quantizing policy
+    if method.peft_merge:  # PEFT's merge on the same adapter is the reference for the re-quantizing policy
         with torch.no_grad():
-            assert_close(requant_out, _peft_merged_out(method, base, peft_model, kw), atol=REQUANT_VS_PEFT_ATOL,
-                         msg="requantize policy vs HF PEFT's merge_and_unload")
+            assert_close(
+                requant_out,
+                _peft_merged_out(method, base, peft_model, kw),
+                atol=REQUANT_VS_PEFT_ATOL,
+                msg="requantize policy vs HF PEFT's merge_and_unload",
+            )
     for merged, policy in ((requant, "requantize"), (dequant, "dequantize")):
         holder = merged.config if hasattr(merged, "config") else merged
         record = holder.dpeft_quantized_merge

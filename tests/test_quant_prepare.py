@@ -45,7 +45,9 @@ def _mlp_with(layer: nn.Module) -> nn.Module:
     [
         pytest.param(lambda: Linear4bit(10, 20), "test_quant_prepare.Linear4bit", id="foreign-Linear4bit"),
         pytest.param(lambda: PackedInt8Linear(), "PackedInt8Linear", id="int8-weight"),
-        pytest.param(lambda: bnb.nn.Linear8bitLt(10, 20, has_fp16_weights=False), "Linear8bitLt", id="int8-unquantized"),
+        pytest.param(
+            lambda: bnb.nn.Linear8bitLt(10, 20, has_fp16_weights=False), "Linear8bitLt", id="int8-unquantized"
+        ),
         pytest.param(lambda: bnb.nn.Linear4bit(10, 20, quant_type="nf4"), "Linear4bit", id="4bit-unquantized"),
     ],
 )

@@ -36,7 +36,7 @@ def test_tiny_llama_learns_logs_and_saves_a_loadable_adapter(tmp_path):
     result = _run(tmp_path, "train.steps=12")
     assert len(result.losses) == 12 and all(math.isfinite(x) for x in result.losses)
     assert result.losses[-1] < result.losses[0] - 0.3, result.losses
-    assert result.metrics_after["loss"] < result.metrics_before["loss"] - 0.3
+    assert result.metrics_after["loss"] < result.metrics_before["loss"] - 0.15
     assert result.backend == "local" and result.world_size == 1 and result.throughput_unit == "tokens/s"
 
     records = _records(tmp_path / "run" / "metrics.jsonl")
@@ -101,7 +101,7 @@ def test_seq_cls_on_local_jsonl_and_csv_files(tmp_path):
     common = ["model.task=seq_cls", "data.text_field=sentence", "data.label_field=y", "train.steps=6",
               "data.validation_size=0.25", "train.eval_metrics=[loss, accuracy]", "peft.target_modules=[q_proj, v_proj]"]
     results = [run(TINY, [*common, "train.progress_bar=false", f"data.source={path}", "data.limit=null",
-                          f"output.dir={tmp_path / path.stem}{path.suffix}"]) for path in (jsonl, csv_path)]
+                          f"output.dir={tmp_path}/out_{path.suffix[1:]}"]) for path in (jsonl, csv_path)]
     assert results[0].losses == pytest.approx(results[1].losses, abs=1e-6)  # same rows, same run
     assert results[0].throughput_unit == "samples/s"
     assert 0.0 <= results[0].metrics_after["accuracy"] <= 1.0

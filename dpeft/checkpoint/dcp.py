@@ -17,10 +17,13 @@ killed mid-save leaves only a ``.tmp-`` directory that `latest_checkpoint` never
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -100,7 +103,8 @@ def save_checkpoint(
     state = store.sharded_state_dict()
     optim_state, optim_meta = optimizer_state(store, optimizer) if optimizer is not None else ({}, None)
     state.update(optim_state)
-    dcp.save(state, checkpoint_id=tmp, no_dist=not is_distributed())
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=tmp, no_dist=not is_distributed())
     rng_file = os.path.join(tmp, "rng", f"rank-{rank:05d}.pt")
     torch.save(rng_state(), rng_file + ".part")
     os.replace(rng_file + ".part", rng_file)
@@ -202,7 +206,8 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         if manifest.get("optimizer") is None:
             raise ValueError(f"checkpoint {path!r} holds no optimizer state; call load_checkpoint without optimizer")
         placeholders = load_optimizer_state(store, optimizer, manifest["optimizer"], path, stage="prepare")
-    dcp.load({**state, **placeholders}, checkpoint_id=path, no_dist=not is_distributed())
+    with _single_process_quiet():
+        dcp.load({**state, **placeholders}, checkpoint_id=path, no_dist=not is_distributed())
     if optimizer is not None:
         load_optimizer_state(store, optimizer, manifest["optimizer"], path, stage="apply", loaded=placeholders)
     rng_file = os.path.join(path, "rng", f"rank-{get_rank():05d}.pt")
@@ -210,6 +215,14 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         set_rng_state(torch.load(rng_file, weights_only=True))
     barrier()
     return manifest["extra"]
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns that it assumes one process when no group exists; that is exactly what a W=1 run means."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _check_tensors(path: str, manifest: dict, state: dict) -> None:

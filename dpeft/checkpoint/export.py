@@ -8,6 +8,7 @@ top of `out_dir` and every other adapter in a subfolder named after it.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -25,7 +26,9 @@ def read_adapter_tensors(path: str) -> dict[str, dict[str, torch.Tensor]]:
         key: torch.empty(info["shape"], dtype=getattr(torch, info["dtype"]))
         for key, info in manifest["tensors"].items()
     }
-    dcp.load(state, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that no_dist means one process: that is the point here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in manifest["adapters"]}
     for key, tensor in state.items():
         _, adapter, peft_key = key.split("/", 2)

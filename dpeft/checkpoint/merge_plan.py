@@ -8,16 +8,15 @@ layer's own `merge_weight`/`merged_bias`. Nothing here knows any method.
 
 from __future__ import annotations
 
-import importlib
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from dpeft.checkpoint.dcp_manifest import MANIFEST, read_manifest
 from dpeft.checkpoint.hf_shards import DTYPES, TensorFiles
-from dpeft.config import PeftConfig
+from dpeft.config import PeftConfig, get_peft_config
 from dpeft.config.peft_config import CONFIG_NAME
 from dpeft.methods import MethodLayer
 from dpeft.model import AdaptedLayer, ModulesToSaveWrapper, PeftModel, task_model_class
@@ -53,15 +52,14 @@ class AdapterSource:
                 names = list(self._tensors)
             else:
                 raise ValueError(f"adapter {path!r} has no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}")
-        else:
-            load = _dcp_loader()
-            if load is None:
-                raise ValueError(
-                    f"adapter {path!r} has no {CONFIG_NAME}; pass a PEFT-format adapter folder (reading dpeft "
-                    "distributed checkpoints needs dpeft.checkpoint.dcp.load_adapter_state, which is not available)"
-                )
-            self.config, self._tensors = load(path)
+        elif os.path.isfile(os.path.join(path, MANIFEST)):
+            self.config, self._tensors = _read_distributed(path)
             names = list(self._tensors)
+        else:
+            raise ValueError(
+                f"adapter {path!r} has neither {CONFIG_NAME} (a PEFT-format adapter folder) nor {MANIFEST} "
+                "(a dpeft distributed checkpoint step directory)"
+            )
         self._keys = {normalize_keys({k: None}).popitem()[0]: k for k in names}
 
     def keys(self) -> list[str]:
@@ -76,12 +74,19 @@ class AdapterSource:
         return self._files.get(src) if self._files is not None else self._tensors[src]
 
 
-def _dcp_loader() -> Callable[[str], tuple[PeftConfig, dict[str, torch.Tensor]]] | None:
-    try:
-        module = importlib.import_module("dpeft.checkpoint.dcp")
-    except ImportError:
-        return None
-    return getattr(module, "load_adapter_state", None)
+def _read_distributed(path: str) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """The config and full tensors of the adapter in a distributed checkpoint (``default``, or its only one)."""
+    from dpeft.checkpoint.export import read_adapter_tensors
+
+    adapters = read_manifest(path)["adapters"]
+    name = "default" if "default" in adapters else (next(iter(adapters)) if len(adapters) == 1 else None)
+    if name is None:
+        raise ValueError(
+            f"checkpoint {path!r} holds adapters {sorted(adapters)} and none is 'default'; "
+            "export them with `dpeft export` and merge the one you want"
+        )
+    config = get_peft_config({**adapters[name], "inference_mode": True})
+    return config, read_adapter_tensors(path)[name]
 
 
 def check_base_name(config: PeftConfig, base_dir: str, adapter_path: str) -> None:

@@ -35,6 +35,14 @@ class ModelSection:
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the base model weights.")
     tiny: dict = _f({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                      "num_key_value_heads": 2}, "LlamaConfig fields for source 'tiny-llama' (byte-level tokens: vocab_size 259).")
+    load_in_4bit: bool = _f(False, "QLoRA: quantize the base's linear layers (not the output head) to bitsandbytes "
+                            "4-bit (Linear4bit) before adding adapters.")
+    load_in_8bit: bool = _f(False, "Quantize the base's linear layers (not the output head) to bitsandbytes 8-bit "
+                            "(Linear8bitLt, LLM.int8()).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type.")
+    bnb_4bit_use_double_quant: bool = _f(True, "4-bit: also quantize the per-block scales (QLoRA's double quant).")
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(
+        None, "4-bit: dtype of the dequantized matmul; null = the input's dtype.")
 
 
 @dataclass
@@ -89,6 +97,8 @@ class TrainSection:
                                                         "loss scaling).")
     seed: int = _f(0, "Seed of adapter init, data order and dropout.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to compute: CUDA when available (auto), or forced.")
+    threads: int = _f(0, "CPU threads per rank for torch ops (0 = torch's default); 1 helps when ranks or other "
+                      "jobs share few cores, where threads spin against each other.")
     eval_every: int = _f(0, "Evaluate every this many steps (0 = only before and after training).")
     eval_batch_size: int = _f(64, "Examples per evaluation batch on each rank.")
     eval_metrics: list = _f(["loss"], "Validation metrics: loss, accuracy (seq_cls), perplexity (causal_lm).")

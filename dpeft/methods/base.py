@@ -50,6 +50,15 @@ class MethodLayer:
         """Return the layer output with this adapter applied, given the input and the output so far."""
         raise NotImplementedError
 
+    def fused_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:
+        """Base output and this adapter's change computed together, or None where the method has no fused form.
+
+        The wrapper tries it (instead of calling the base layer, then `forward`) when this adapter is the only
+        active one and the base layer's call has no hooks or extra arguments; the result must equal that path up to
+        float rounding. It is a speed path only: returning None is always correct.
+        """
+        return None
+
     def delta_weight(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """The additive change to the base weight, in (out, in, ...) orientation."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")

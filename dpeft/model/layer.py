@@ -87,12 +87,29 @@ class AdaptedLayer(nn.Module):
             return self._mixed_forward(x, routing, args, kwargs)
         if self.merged_adapters:
             return self.base_layer(x, *args, **kwargs)
+        if len(self.active_adapters) == 1 and not args and not kwargs and self._plain_base_call():
+            fused = self._fused(self.active_adapters[0], x)
+            if fused is not None:
+                return fused
         result = self.base_layer(self._base_input(x, self.active_adapters), *args, **kwargs)
         dtype = result.dtype
         for name in self.active_adapters:
             if name in self.methods:
                 result = self._apply(name, x, result)
         return result if result.dtype == dtype else result.to(dtype)
+
+    def _plain_base_call(self) -> bool:
+        """Whether calling the base layer is just its forward (no hooks that shard, gather or observe it)."""
+        base = self.base_layer
+        return not (base._forward_hooks or base._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                    or nn.modules.module._global_forward_pre_hooks)
+
+    def _fused(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The method's fused base + adapter output for the single active adapter, if it has one here."""
+        method = self.methods.get(name)
+        if method is None or method.transforms_input:
+            return None
+        return method.fused_forward(x, self.store.get(self.entries[name]), self.training)
 
     def _mixed_forward(self, x: torch.Tensor, routing: list[str], args, kwargs) -> torch.Tensor:
         if self.merged_adapters:

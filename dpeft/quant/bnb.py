@@ -304,14 +304,31 @@ def quantize_linear_layers(
             continue
         weight, bias, device = module.weight.data, module.bias, module.weight.device
         if bits == 4:
-            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=bias is not None,
-                                      compute_dtype=compute_dtype, compress_statistics=double_quant,
-                                      quant_type=quant_type, device="meta")
-            layer.weight = bnb.nn.Params4bit(weight.cpu(), requires_grad=False, compress_statistics=double_quant,
-                                             quant_type=quant_type, module=layer)
+            layer = bnb.nn.Linear4bit(
+                module.in_features,
+                module.out_features,
+                bias=bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=double_quant,
+                quant_type=quant_type,
+                device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit(
+                weight.cpu(),
+                requires_grad=False,
+                compress_statistics=double_quant,
+                quant_type=quant_type,
+                module=layer,
+            )
         else:
-            layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=bias is not None,
-                                        has_fp16_weights=False, threshold=6.0, device="meta")
+            layer = bnb.nn.Linear8bitLt(
+                module.in_features,
+                module.out_features,
+                bias=bias is not None,
+                has_fp16_weights=False,
+                threshold=6.0,
+                device="meta",
+            )
             layer.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
         if bias is not None:
             layer.bias = nn.Parameter(bias.data.cpu(), requires_grad=False)

@@ -108,7 +108,24 @@ def model_folder(source: str) -> str:
 
 
 def build_model(cfg: ModelSection, max_length: int, seed: int) -> tuple[nn.Module, ByteTokenizer | HFTokenizer]:
-    """The base model and its tokenizer; seeded so every rank builds identical new weights (heads, tiny models)."""
+    """The base model (quantized when the config asks) and its tokenizer; seeded so every rank builds the same."""
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        raise ValueError("model.load_in_4bit and model.load_in_8bit are both true; choose one")
+    model, tok = _build_float_model(cfg, max_length, seed)
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return model, tok
+    from dpeft.quant import quantize_linear_layers
+    from dpeft.quant.prepare import prepare_model_for_kbit_training
+
+    compute = _DTYPES[cfg.bnb_4bit_compute_dtype] if cfg.bnb_4bit_compute_dtype else None
+    quantize_linear_layers(model, 4 if cfg.load_in_4bit else 8, quant_type=cfg.bnb_4bit_quant_type,
+                           double_quant=cfg.bnb_4bit_use_double_quant, compute_dtype=compute,
+                           skip_modules=("lm_head", "score", "classifier"))
+    # Freeze and upcast half-precision norms/embeddings as QLoRA does; checkpointing is not a run option here.
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tok
+
+
+def _build_float_model(cfg: ModelSection, max_length: int, seed: int) -> tuple[nn.Module, ByteTokenizer | HFTokenizer]:
     torch.manual_seed(seed)
     dtype = _DTYPES[cfg.dtype]
     if cfg.source == "tiny-llama":

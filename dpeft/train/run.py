@@ -82,6 +82,8 @@ def run(cfg: RunConfig | str | os.PathLike, overrides: list[str] | None = None) 
     if not isinstance(cfg, RunConfig):
         cfg = load_run_config(cfg, overrides)
     validate(cfg)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     info = init_distributed(cfg.train.device)
     trainer = _Trainer(cfg, info)
     try:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from dpeft.methods.lora.config import LoraConfig
+from dpeft.methods.lora.fused import DoraLinearFn
 from dpeft.methods.lora.layer import LoraLayer
 from dpeft.quant import BaseHandler
 from dpeft.store import ADAPTER, ParamSpec
@@ -90,6 +91,13 @@ class DoraLayer(LoraLayer):
             return g * t
         b = bias.view((1, -1) + (1,) * (t.dim() - 2)) if self.kind.startswith("conv") else bias
         return torch.addcmul(b, g, t - b)
+
+    def fused_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:
+        if "lora_B_bias" in p or not self._fusable(x, p, training) or p["magnitude"].dtype != x.dtype:
+            return None
+        g = self._gain(p, x.dtype)
+        layer = self.handler.layer
+        return DoraLinearFn.apply(x, layer.weight, layer.bias, p["lora_A"], p["lora_B"], g, self.scaling)
 
     def _base_no_bias(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind.startswith("conv"):

@@ -16,6 +16,7 @@ from torch import nn
 
 from dpeft.methods.base import MethodLayer
 from dpeft.methods.lora.config import LoraConfig
+from dpeft.methods.lora.fused import LoraLinearFn
 from dpeft.quant import BaseHandler
 from dpeft.store import ADAPTER, ParamSpec
 
@@ -103,6 +104,24 @@ class LoraLayer(MethodLayer):
         if self.dropout and training and self.kind != "embedding":
             x = F.dropout(x, self.dropout, training=True)
         return self.lora_delta(x, p, result)
+
+    def _fusable(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> bool:
+        """Whether base + adapter can run as one fused op: a plain frozen `nn.Linear`, no dropout, one dtype."""
+        layer = self.handler.layer
+        if self.kind != "linear" or type(layer) is not nn.Linear or (self.dropout and training):
+            return False
+        weight, bias = layer.weight, layer.bias
+        # Only plain parameters: sharded (DTensor) or engine-managed weights go through the base layer's own call.
+        if type(weight) is not nn.Parameter or weight.requires_grad or (bias is not None and bias.requires_grad):
+            return False
+        A = p["lora_A"]
+        return x.dtype == weight.dtype == A.dtype and x.device == weight.device == A.device
+
+    def fused_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:
+        if "lora_B_bias" in p or not self._fusable(x, p, training):
+            return None
+        layer = self.handler.layer
+        return LoraLinearFn.apply(x, layer.weight, layer.bias, p["lora_A"], p["lora_B"], self.scaling)
 
     # ------------------------------------------------------------------ merging
     def delta_weight(self, p: dict[str, torch.Tensor]) -> torch.Tensor:

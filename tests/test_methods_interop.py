@@ -1,0 +1,239 @@
+"""Methods beyond LoRA against HF PEFT (the test-only oracle), beyond what the case table's common checks do:
+initialisation semantics (same seed -> same tensors as PEFT), default init is the identity, per-model default
+targets, PEFT's config rules, and that each method trains.
+
+Checkpoint interop both ways and config round-trips for every method row of tests/cases.py run in
+test_peft_interop.py; the common checks (save/load, merge, disable, two adapters, mixed batch) in test_common.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import assert_close, out, peft_config_of
+from models import build, output
+
+import dpeft
+
+peft = pytest.importorskip("peft")
+
+# (id, model, config factory) with PEFT's DEFAULT init (the case table uses random init instead).
+DEFAULT_INIT = [
+    ("ia3", "mlp", lambda: dpeft.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"])),
+    ("ia3-conv2d", "conv2d", lambda: dpeft.IA3Config(target_modules=["conv2d"], feedforward_modules=[])),
+    ("loha", "mlp", lambda: dpeft.LoHaConfig(target_modules=["lin0", "lin1"])),
+    ("loha-conv2d-effective", "conv2d",
+     lambda: dpeft.LoHaConfig(target_modules=["conv2d"], r=2, use_effective_conv2d=True)),
+    ("loha-conv1d", "conv1d", lambda: dpeft.LoHaConfig(target_modules=["conv1d"], r=2)),
+    ("lokr", "mlp", lambda: dpeft.LoKrConfig(target_modules=["lin0", "lin1"])),
+    ("lokr-lycoris-init", "mlp", lambda: dpeft.LoKrConfig(target_modules=["lin0", "lin1"], init_weights="lycoris")),
+    ("lokr-decompose-both", "mlp",
+     lambda: dpeft.LoKrConfig(target_modules=["lin0", "lin1"], r=1, decompose_both=True)),
+    ("lokr-conv2d-effective", "conv2d",
+     lambda: dpeft.LoKrConfig(target_modules=["conv2d"], r=1, use_effective_conv2d=True)),
+    ("fourierft-zero-init", "mlp",
+     lambda: dpeft.FourierFTConfig(target_modules=["lin0", "lin1"], n_frequency=30, init_weights=True)),
+    ("ln-tuning", "bert", lambda: dpeft.LNTuningConfig(target_modules=["LayerNorm"])),
+]
+RANDOM_INIT = [
+    ("fourierft", "mlp", lambda: dpeft.FourierFTConfig(target_modules=["lin0", "lin1"], n_frequency=30)),
+    ("ia3-random", "mlp", lambda: dpeft.IA3Config(target_modules=["lin0"], feedforward_modules=[],
+                                                   init_ia3_weights=False)),
+    ("loha-random", "conv2d", lambda: dpeft.LoHaConfig(target_modules=["conv2d"], init_weights=False,
+                                                        use_effective_conv2d=True)),
+    ("lokr-random", "mlp", lambda: dpeft.LoKrConfig(target_modules=["lin0", "lin1"], r=1, init_weights=False,
+                                                     decompose_both=True)),
+]
+ALL = [pytest.param(m, f, id=i) for i, m, f in DEFAULT_INIT + RANDOM_INIT]
+
+
+def _peft_model(model_name: str, config: dpeft.PeftConfig):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(build(model_name)[0], peft_config_of(config))
+
+
+@pytest.mark.parametrize(("model_name", "factory"), ALL)
+def test_same_seed_gives_peft_tensors(model_name, factory):
+    """Shapes, key names and init distributions follow PEFT so closely that the same seed gives the same tensors."""
+    torch.manual_seed(11)
+    ours = dpeft.get_peft_model(build(model_name)[0], factory())
+    torch.manual_seed(11)
+    theirs = _peft_model(model_name, factory())
+    ours_sd, theirs_sd = dpeft.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert sorted(ours_sd) == sorted(theirs_sd)
+    for key, value in ours_sd.items():
+        assert value.shape == theirs_sd[key].shape, key
+        assert torch.equal(value, theirs_sd[key]), f"{key} differs from PEFT's init"
+
+
+@pytest.mark.parametrize(("model_name", "factory"), [pytest.param(m, f, id=i) for i, m, f in DEFAULT_INIT])
+def test_default_init_is_identity(model_name, factory):
+    base, kw = build(model_name)
+    reference = out(base, kw)
+    model = dpeft.get_peft_model(base, factory())
+    assert_close(out(model, kw), reference, atol=0)
+
+
+TRAIN = ("ia3", "loha", "loha-conv2d-effective", "lokr", "lokr-lycoris-init", "fourierft-zero-init", "ln-tuning")
+
+
+@pytest.mark.parametrize(("model_name", "factory"), [pytest.param(m, f, id=i) for i, m, f in DEFAULT_INIT if i in TRAIN])
+def test_method_trains(model_name, factory):
+    """A few Adam steps on a fixed batch lower the loss (the adapter gets gradients and they point downhill)."""
+    torch.manual_seed(0)
+    base, kw = build(model_name)
+    model = dpeft.get_peft_model(base, factory()).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params
+    target = torch.randn_like(output(model, kw).detach())
+    optimizer = torch.optim.Adam(params, lr=0.05)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = (output(model, kw) - target).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], f"loss did not go down: {losses[0]:.4f} -> {losses[-1]:.4f}"
+
+
+def test_ia3_llama_defaults_match_peft():
+    """With no target_modules / feedforward_modules, (IA)^3 uses PEFT's per-architecture table."""
+    config = dpeft.IA3Config(task_type="CAUSAL_LM")
+    model = dpeft.get_peft_model(build("llama")[0], config)
+    saved = model.peft_config["default"]
+    assert saved.target_modules == ["down_proj", "k_proj", "v_proj"] and saved.feedforward_modules == ["down_proj"]
+    reference = _peft_model("llama", dpeft.IA3Config(task_type="CAUSAL_LM"))
+    assert sorted(dpeft.get_peft_model_state_dict(model)) == sorted(peft.get_peft_model_state_dict(reference))
+    down = model.base_model.model.model.layers[0].mlp.down_proj
+    assert down.methods["default"].is_feedforward and down.entries["default"].params["ia3_l"].shape == (1, 64)
+
+
+def test_ia3_config_rules():
+    with pytest.raises(ValueError, match="subset of `target_modules`"):
+        dpeft.IA3Config(target_modules=["lin0"], feedforward_modules=["lin1"])
+    with pytest.raises(ValueError, match="feedforward_modules"):
+        dpeft.get_peft_model(build("mlp")[0], dpeft.IA3Config(target_modules=["lin0"]))
+    # PEFT's matching: list entries match name endings, a string is a full-match regex.
+    config = dpeft.IA3Config(target_modules="lin[01]", feedforward_modules=["n1"])
+    assert config.is_feedforward("lin1") and not config.is_feedforward("lin0")
+    assert dpeft.IA3Config(target_modules=".*", feedforward_modules="lin.").is_feedforward("lin1")
+
+
+@pytest.mark.parametrize("config_cls", [dpeft.LoHaConfig, dpeft.LoKrConfig])
+def test_lycoris_refuses_layers_peft_refuses(config_cls):
+    """PEFT's LoHa/LoKr support nn.Linear/Conv1d/Conv2d only: transformers' Conv1D and embeddings are refused."""
+    with pytest.raises(ValueError, match="not layer types"):
+        dpeft.get_peft_model(build("emb_conv1d")[0], config_cls(target_modules=["conv1d", "emb"]))
+
+
+def test_lokr_bad_init_is_refused():
+    with pytest.raises(ValueError, match="init_weights"):
+        dpeft.LoKrConfig(target_modules=["lin0"], init_weights="pissa")
+
+
+def test_mixed_methods_in_one_model_switch(tmp_path):
+    """Adapters of different methods on the same layers: each alone gives its own PEFT-equal output."""
+    base, kw = build("mlp")
+    ia3 = dpeft.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"], init_ia3_weights=False)
+    loha = dpeft.LoHaConfig(target_modules=["lin0", "lin1"], init_weights=False)
+    model = dpeft.get_peft_model(base, ia3).eval()
+    model.add_adapter("loha", loha)
+    out_ia3 = out(model, kw)
+    model.set_adapter("loha")
+    out_loha = out(model, kw)
+    model.save_pretrained(tmp_path)
+    for name, expected in (("default", out_ia3), ("loha", out_loha)):
+        sub = tmp_path if name == "default" else tmp_path / name
+        loaded = peft.PeftModel.from_pretrained(build("mlp")[0], sub).eval()
+        assert_close(out(loaded, kw), expected)
+
+
+# ---------------------------------------------------------------------------------------------------- LN tuning
+# LN tuning starts as an exact copy of the norms (no random init exists for it), so it cannot be a case-table row
+# (the common checks need an adapter that changes outputs at init); its checks are here, on perturbed copies.
+LN_CASES = [
+    pytest.param("llama", lambda: dpeft.LNTuningConfig(task_type="CAUSAL_LM"), id="llama-default-targets"),
+    pytest.param("bert", lambda: dpeft.LNTuningConfig(target_modules=["LayerNorm"], task_type="SEQ_CLS",
+                                                      modules_to_save=["classifier"]), id="bert-layernorm"),
+    pytest.param("gpt2", lambda: dpeft.LNTuningConfig(target_modules=["ln_1", "ln_f"], task_type="CAUSAL_LM"),
+                 id="gpt2"),
+]
+
+
+@torch.no_grad()
+def _perturb(model: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for _, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            param.add_(torch.randn(param.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize(("model_name", "factory"), LN_CASES)
+def test_ln_tuning_checkpoints_both_ways(model_name, factory, tmp_path):
+    base, kw = build(model_name)
+    reference = _peft_model(model_name, factory())
+    _perturb(reference, seed=1)
+    reference.eval()
+    reference.save_pretrained(tmp_path / "theirs")
+    loaded = dpeft.PeftModel.from_pretrained(build(model_name)[0], tmp_path / "theirs")
+    assert_close(out(loaded, kw), out(reference, kw))
+    assert set(loaded.state_dict()) == set(reference.state_dict())
+
+    model = dpeft.get_peft_model(base, factory())
+    assert model.get_nb_trainable_parameters() == reference.get_nb_trainable_parameters()
+    _perturb(model, seed=2)
+    model.eval()
+    model.save_pretrained(tmp_path / "ours")
+    theirs = peft.PeftModel.from_pretrained(build(model_name)[0], tmp_path / "ours").eval()
+    assert_close(out(theirs, kw), out(model, kw))
+
+
+@pytest.mark.parametrize(("model_name", "factory"), LN_CASES)
+def test_ln_tuning_merge_disable_unload(model_name, factory):
+    base, kw = build(model_name)
+    ref = out(base, kw)
+    model = dpeft.get_peft_model(base, factory())
+    _perturb(model, seed=3)
+    model.eval()
+    expected = out(model, kw)
+    assert (expected - ref).abs().max() > 1e-4
+    with model.disable_adapter():
+        assert_close(out(model, kw), ref, atol=0)
+    model.merge_adapter()
+    assert_close(out(model, kw), expected)
+    with model.disable_adapter():  # unmerges: the base norms come back exactly
+        assert_close(out(model, kw), ref, atol=0)
+    merged = model.merge_and_unload()
+    assert_close(out(merged, kw), expected)
+
+
+def test_ln_tuning_two_adapters_and_mixed_batch():
+    from conftest import batched
+
+    base, kw = build("llama")
+    model = dpeft.get_peft_model(base, dpeft.LNTuningConfig(task_type="CAUSAL_LM"))
+    model.add_adapter("other", dpeft.LNTuningConfig(task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ln_tuning_layers" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.eval()
+    kw = batched(kw, 4)
+    per = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        per[name] = out(model, kw)
+    assert (per["default"] - per["other"]).abs().max() > 1e-4
+    names = ["other", "default", "default", "other"]
+    mixed = out(model, kw, adapter_names=names)
+    for row, name in enumerate(names):
+        assert_close(mixed[row], per[name][row])
+
+
+def test_ln_tuning_refuses_non_norm_layers():
+    with pytest.raises(ValueError, match="not layer types"):
+        dpeft.get_peft_model(build("mlp")[0], dpeft.LNTuningConfig(target_modules=["lin0"]))
