@@ -8,9 +8,9 @@ from dpeft.config import PeftConfig, TaskType, get_peft_config
 from dpeft.methods import PeftType, registered_methods
 from dpeft.methods.fourierft import FourierFTConfig
 from dpeft.methods.ia3 import IA3Config
+from dpeft.methods.ln_tuning import LNTuningConfig
 from dpeft.methods.loha import LoHaConfig
 from dpeft.methods.lokr import LoKrConfig
-from dpeft.methods.ln_tuning import LNTuningConfig
 from dpeft.methods.lora import LoraConfig
 from dpeft.model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,

@@ -53,6 +53,8 @@ CASES: list[Case] = [
     Case("dora-llama", "llama", lora(target_modules=["q_proj", "v_proj"], use_dora=True, task_type="CAUSAL_LM")),
     Case("lora-bert-seqcls", "bert", lora(target_modules=["query", "value"], task_type="SEQ_CLS")),
     Case("lora-gpt2", "gpt2", lora(target_modules=["c_attn"], task_type="CAUSAL_LM")),
+    # PEFT also saves the base weights of a targeted transformers embedding layer.
+    Case("lora-llama-embedding", "llama", lora(target_modules=["embed_tokens", "q_proj"], task_type="CAUSAL_LM")),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -21,8 +22,11 @@ from models import build  # noqa: E402
 import dpeft  # noqa: E402
 from dpeft.checkpoint.dcp import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from dpeft.checkpoint.export import export_checkpoint  # noqa: E402
+from dpeft.cli.main import main as cli_main  # noqa: E402
+from dpeft.store.sharded import adapter_state_bytes  # noqa: E402
 
 GLOBAL_BATCH = 4
+_BYTES: dict[str, int] = {}
 
 
 def _config(r: int = 6, **kw) -> dpeft.LoraConfig:
@@ -55,6 +59,7 @@ def _steps(model, opt, first: int, n: int) -> list[float]:
         loss = model(input_ids=mine, labels=mine).loss
         loss.backward()
         opt.step()
+        _BYTES.update(adapter_state_bytes(model.store, opt))  # grads still held: the step's peak
         opt.zero_grad()
         total = loss.detach().clone()
         if world > 1:
@@ -85,7 +90,15 @@ def _resume_and_continue(root: str, n: int) -> dict:
     extra = load_checkpoint(path, model, opt)
     at_load = _snapshot(model, opt)
     more = _steps(model, opt, extra["step"], n)
-    return {"extra": extra, "more": more, "at_load": at_load, "final": _snapshot(model, opt)}
+    shapes = [shape for _, shape, _ in model.store.param_keys().values()]
+    return {
+        "extra": extra,
+        "more": more,
+        "at_load": at_load,
+        "final": _snapshot(model, opt),
+        "bytes": dict(_BYTES),
+        "shapes": shapes,
+    }
 
 
 def _full_optim(per_rank: list[dict]) -> dict:
@@ -125,15 +138,27 @@ def test_reshard_w2_to_w1_and_w4(tmp_path):
         for key in ref_optim:
             _assert_same_state(loaded[key], ref_optim[key], 0.0)
         # identical continuation: same losses and the same adapter and optimizer state afterwards
-        assert max(abs(a - b) for a, b in zip(runs[0]["more"], ref["more"])) < 1e-5, (name, runs[0]["more"], ref["more"])
+        gap = max(abs(a - b) for a, b in zip(runs[0]["more"], ref["more"]))
+        assert gap < 1e-5, (name, runs[0]["more"], ref["more"])
         _assert_same_state(runs[0]["final"]["adapter"], ref["final"]["adapter"], 1e-5)
         final = _full_optim([r["final"]["optim"] for r in runs])
         for key in ref_final_optim:
             _assert_same_state(final[key], ref_final_optim[key], 1e-5)
 
+    # per-rank bytes of adapter params + grads + AdamW state: total/W plus the padding of uneven splits
+    total = w1["bytes"]["total"]
+    for world, runs in ((1, [w1]), (4, w4)):
+        padded = sum(math.ceil(s[0] / world) * math.prod(s[1:]) for s in w1["shapes"]) * 4 * 4  # 4 fp32 copies
+        for r in runs:
+            assert r["bytes"]["total"] <= 1.05 * padded + 64, (world, r["bytes"], padded)
+        assert sum(r["bytes"]["total"] for r in runs) >= total  # nothing is missing
+    print(f"per-rank adapter bytes: W=1 {total}, W=4 {[r['bytes']['total'] for r in w4]}")
+
     # export: PEFT format from the W=2 checkpoint loads in HF PEFT with the in-memory model's outputs
     out = str(tmp_path / "exported")
-    export_checkpoint(ref["path"], out)
+    cli_main(["export", root, out])  # the root resolves to its newest complete step
+    _check_hf_peft_outputs(out, ref["at_save"]["adapter"])
+    export_checkpoint(ref["path"], out)  # the library call, over the same directory
     _check_hf_peft_outputs(out, ref["at_save"]["adapter"])
 
 

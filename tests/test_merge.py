@@ -42,6 +42,8 @@ METHOD_CASES: dict[str, tuple[str, dict]] = {
     "loha": ("LOHA", dict(target_modules=ATTN, r=4, alpha=8, init_weights=False)),
     "lokr": ("LOKR", dict(target_modules=ATTN, r=4, alpha=8, init_weights=False)),
     "oft": ("OFT", dict(target_modules=ATTN, r=0, oft_block_size=4, init_weights=False)),
+    "fourierft": ("FOURIERFT", dict(target_modules=ATTN, n_frequency=64, scaling=10.0, init_weights=False)),
+    "ln_tuning": ("LN_TUNING", dict(target_modules=["input_layernorm", "norm"])),
 }
 NOT_MERGEABLE: set[str] = set()  # registered methods that have no merged form (e.g. prompt learning)
 ATOL = 1e-5
@@ -62,6 +64,10 @@ def save_adapter(model: torch.nn.Module, config: dpeft.PeftConfig, directory: st
     torch.manual_seed(seed)
     config.base_model_name_or_path = base_name
     peft_model = dpeft.get_peft_model(model, config).eval()
+    with torch.no_grad():  # move every method off its init (LN tuning starts as a copy of the base)
+        for param in peft_model.store.parameters():
+            if param.is_floating_point():
+                param.add_(torch.randn_like(param) * 0.05)
     peft_model.save_pretrained(directory)
     return peft_model
 
@@ -327,3 +333,17 @@ def test_shard_plan_and_assignment() -> None:
     assert assign_shards([80, 120, 20, 200, 4], 2) == [[2, 3], [0, 1, 4]]  # loads 220, 204
     assert assign_shards([80, 120], 4) == [[1], [0], [], []]
     assert parse_size("2GB") == 2 * 10**9 and parse_size("512MiB") == 512 * 2**20 and parse_size(7) == 7
+
+
+def test_distributed_checkpoint_adapter(llama_dir: str, tmp_path) -> None:
+    """A dpeft distributed checkpoint step directory merges like the same adapter in PEFT format."""
+    from dpeft.checkpoint.dcp import save_checkpoint
+
+    config = dpeft.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    peft_model = save_adapter(tiny_llama(), config, str(tmp_path / "adapter"), "tiny-llama")
+    step = save_checkpoint(str(tmp_path / "ckpt"), 3, peft_model, None, {})
+    run_merge(llama_dir, [step], str(tmp_path / "from_dcp"))
+    run_merge(llama_dir, [str(tmp_path / "adapter")], str(tmp_path / "from_peft"))
+    for name in os.listdir(tmp_path / "from_peft"):
+        with open(tmp_path / "from_peft" / name, "rb") as a, open(tmp_path / "from_dcp" / name, "rb") as b:
+            assert a.read() == b.read(), name

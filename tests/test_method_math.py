@@ -46,8 +46,9 @@ def _copy(layer: nn.Module) -> nn.Module:
 
 # ---------------------------------------------------------------------------------------------------- (IA)^3
 def test_ia3_scales_linear_outputs_and_bias():
-    model, base, p = _adapted(nn.Linear(6, 4), dpeft.IA3Config(target_modules=["layer"], feedforward_modules=[],
-                                                                init_ia3_weights=False))
+    model, base, p = _adapted(
+        nn.Linear(6, 4), dpeft.IA3Config(target_modules=["layer"], feedforward_modules=[], init_ia3_weights=False)
+    )
     l = p["ia3_l"]  # noqa: E741
     assert l.shape == (4, 1)
     x = torch.randn(3, 6)
@@ -60,8 +61,10 @@ def test_ia3_scales_linear_outputs_and_bias():
 
 
 def test_ia3_feedforward_scales_linear_inputs():
-    model, base, p = _adapted(nn.Linear(6, 4), dpeft.IA3Config(target_modules=["layer"], feedforward_modules=["layer"],
-                                                                init_ia3_weights=False))
+    model, base, p = _adapted(
+        nn.Linear(6, 4),
+        dpeft.IA3Config(target_modules=["layer"], feedforward_modules=["layer"], init_ia3_weights=False),
+    )
     l = p["ia3_l"]  # noqa: E741
     assert l.shape == (1, 6)
     x = torch.randn(3, 6)
@@ -77,8 +80,9 @@ def test_ia3_feedforward_scales_linear_inputs():
 def test_ia3_grouped_conv_forward_and_merge(feedforward):
     conv = nn.Conv2d(4, 6, 3, groups=2, padding=1)
     ff = ["layer"] if feedforward else []
-    model, base, p = _adapted(conv, dpeft.IA3Config(target_modules=["layer"], feedforward_modules=ff,
-                                                     init_ia3_weights=False))
+    model, base, p = _adapted(
+        conv, dpeft.IA3Config(target_modules=["layer"], feedforward_modules=ff, init_ia3_weights=False)
+    )
     l = p["ia3_l"].detach()  # noqa: E741
     assert l.shape == ((1, 4, 1, 1) if feedforward else (1, 6, 1, 1))
     x = torch.randn(2, 4, 5, 5)
@@ -112,8 +116,9 @@ def test_loha_linear_is_hadamard_of_two_low_rank_products():
 def test_loha_effective_conv2d_is_cp_decomposition():
     config = dpeft.LoHaConfig(target_modules=["layer"], r=2, alpha=2, init_weights=False, use_effective_conv2d=True)
     model, base, p = _adapted(nn.Conv2d(3, 4, 3), config)
-    t1, w1a, w1b, t2, w2a, w2b = (p[k].detach() for k in ("hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2",
-                                                            "hada_w2_a", "hada_w2_b"))
+    t1, w1a, w1b, t2, w2a, w2b = (
+        p[k].detach() for k in ("hada_t1", "hada_w1_a", "hada_w1_b", "hada_t2", "hada_w2_a", "hada_w2_b")
+    )
     assert t1.shape == (2, 2, 3, 3) and w1a.shape == (2, 4) and w1b.shape == (2, 3)
 
     def rebuild(t, wa, wb):
@@ -132,10 +137,18 @@ def test_loha_effective_conv2d_is_cp_decomposition():
 
 
 # ---------------------------------------------------------------------------------------------------- LoKr
-@pytest.mark.parametrize(("dim", "factor", "expected"), [
-    (256, -1, (16, 16)), (128, -1, (8, 16)), (127, -1, (1, 127)), (128, 4, (4, 32)), (20, -1, (4, 5)),
-    (10, -1, (2, 5)), (20, 3, (2, 10)),
-])
+@pytest.mark.parametrize(
+    ("dim", "factor", "expected"),
+    [
+        (256, -1, (16, 16)),
+        (128, -1, (8, 16)),
+        (127, -1, (1, 127)),
+        (128, 4, (4, 32)),
+        (20, -1, (4, 5)),
+        (10, -1, (2, 5)),
+        (20, 3, (2, 10)),
+    ],
+)
 def test_lokr_factorization(dim, factor, expected):
     assert factorization(dim, factor) == expected
 
@@ -179,3 +192,38 @@ def test_lokr_conv2d_kernel_lives_in_the_second_factor():
     x = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
         assert_close(model(x), base(x) + F.conv2d(x, delta))
+
+
+# ---------------------------------------------------------------------------------------------------- FourierFT
+def test_fourierft_is_scaled_real_inverse_dft_of_a_sparse_spectrum():
+    import math
+
+    config = dpeft.FourierFTConfig(target_modules=["layer"], n_frequency=7, scaling=3.0, random_loc_seed=5)
+    model, base, p = _adapted(nn.Linear(6, 4), config)
+    spectrum = p["spectrum"].detach()
+    # The locations: the first n of a seeded permutation of the out*in entries, row-major.
+    flat = torch.randperm(24, generator=torch.Generator().manual_seed(5))[:7]
+    delta = torch.zeros(4, 6, dtype=torch.float64)
+    for k in range(7):
+        u, v = divmod(int(flat[k]), 6)
+        for o in range(4):
+            for i in range(6):
+                # Re(exp(+2*pi*j*(u*o/4 + v*i/6))) / (4*6): the inverse DFT's term of entry (u, v).
+                delta[o, i] += spectrum[k].item() * math.cos(2 * math.pi * (u * o / 4 + v * i / 6)) / 24
+    delta = (delta * 3.0).float()
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert_close(model(x), base(x) + x @ delta.T)
+
+
+# ---------------------------------------------------------------------------------------------------- LN tuning
+def test_ln_tuning_uses_the_copied_norm_parameters():
+    model, base, p = _adapted(nn.LayerNorm(6), dpeft.LNTuningConfig(target_modules=["layer"]))
+    assert torch.equal(p["weight"], base.weight) and torch.equal(p["bias"], base.bias)
+    with torch.no_grad():
+        p["weight"].mul_(2.0)
+        p["bias"].add_(0.5)
+    x = torch.randn(3, 6)
+    normed = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + base.eps)
+    with torch.no_grad():
+        assert_close(model(x), normed * base.weight * 2.0 + base.bias + 0.5)

@@ -24,27 +24,48 @@ DEFAULT_INIT = [
     ("ia3", "mlp", lambda: dpeft.IA3Config(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"])),
     ("ia3-conv2d", "conv2d", lambda: dpeft.IA3Config(target_modules=["conv2d"], feedforward_modules=[])),
     ("loha", "mlp", lambda: dpeft.LoHaConfig(target_modules=["lin0", "lin1"])),
-    ("loha-conv2d-effective", "conv2d",
-     lambda: dpeft.LoHaConfig(target_modules=["conv2d"], r=2, use_effective_conv2d=True)),
+    (
+        "loha-conv2d-effective",
+        "conv2d",
+        lambda: dpeft.LoHaConfig(target_modules=["conv2d"], r=2, use_effective_conv2d=True),
+    ),
     ("loha-conv1d", "conv1d", lambda: dpeft.LoHaConfig(target_modules=["conv1d"], r=2)),
     ("lokr", "mlp", lambda: dpeft.LoKrConfig(target_modules=["lin0", "lin1"])),
     ("lokr-lycoris-init", "mlp", lambda: dpeft.LoKrConfig(target_modules=["lin0", "lin1"], init_weights="lycoris")),
-    ("lokr-decompose-both", "mlp",
-     lambda: dpeft.LoKrConfig(target_modules=["lin0", "lin1"], r=1, decompose_both=True)),
-    ("lokr-conv2d-effective", "conv2d",
-     lambda: dpeft.LoKrConfig(target_modules=["conv2d"], r=1, use_effective_conv2d=True)),
-    ("fourierft-zero-init", "mlp",
-     lambda: dpeft.FourierFTConfig(target_modules=["lin0", "lin1"], n_frequency=30, init_weights=True)),
-    ("ln-tuning", "bert", lambda: dpeft.LNTuningConfig(target_modules=["LayerNorm"])),
+    (
+        "lokr-decompose-both",
+        "mlp",
+        lambda: dpeft.LoKrConfig(target_modules=["lin0", "lin1"], r=1, decompose_both=True),
+    ),
+    (
+        "lokr-conv2d-effective",
+        "conv2d",
+        lambda: dpeft.LoKrConfig(target_modules=["conv2d"], r=1, use_effective_conv2d=True),
+    ),
+    (
+        "fourierft-zero-init",
+        "mlp",
+        lambda: dpeft.FourierFTConfig(target_modules=["lin0", "lin1"], n_frequency=30, init_weights=True),
+    ),
+    ("ln-tuning", "llama", lambda: dpeft.LNTuningConfig(task_type="CAUSAL_LM")),
 ]
 RANDOM_INIT = [
     ("fourierft", "mlp", lambda: dpeft.FourierFTConfig(target_modules=["lin0", "lin1"], n_frequency=30)),
-    ("ia3-random", "mlp", lambda: dpeft.IA3Config(target_modules=["lin0"], feedforward_modules=[],
-                                                   init_ia3_weights=False)),
-    ("loha-random", "conv2d", lambda: dpeft.LoHaConfig(target_modules=["conv2d"], init_weights=False,
-                                                        use_effective_conv2d=True)),
-    ("lokr-random", "mlp", lambda: dpeft.LoKrConfig(target_modules=["lin0", "lin1"], r=1, init_weights=False,
-                                                     decompose_both=True)),
+    (
+        "ia3-random",
+        "mlp",
+        lambda: dpeft.IA3Config(target_modules=["lin0"], feedforward_modules=[], init_ia3_weights=False),
+    ),
+    (
+        "loha-random",
+        "conv2d",
+        lambda: dpeft.LoHaConfig(target_modules=["conv2d"], init_weights=False, use_effective_conv2d=True),
+    ),
+    (
+        "lokr-random",
+        "mlp",
+        lambda: dpeft.LoKrConfig(target_modules=["lin0", "lin1"], r=1, init_weights=False, decompose_both=True),
+    ),
 ]
 ALL = [pytest.param(m, f, id=i) for i, m, f in DEFAULT_INIT + RANDOM_INIT]
 
@@ -80,7 +101,9 @@ def test_default_init_is_identity(model_name, factory):
 TRAIN = ("ia3", "loha", "loha-conv2d-effective", "lokr", "lokr-lycoris-init", "fourierft-zero-init", "ln-tuning")
 
 
-@pytest.mark.parametrize(("model_name", "factory"), [pytest.param(m, f, id=i) for i, m, f in DEFAULT_INIT if i in TRAIN])
+@pytest.mark.parametrize(
+    ("model_name", "factory"), [pytest.param(m, f, id=i) for i, m, f in DEFAULT_INIT if i in TRAIN]
+)
 def test_method_trains(model_name, factory):
     """A few Adam steps on a fixed batch lower the loss (the adapter gets gradients and they point downhill)."""
     torch.manual_seed(0)
@@ -88,8 +111,15 @@ def test_method_trains(model_name, factory):
     model = dpeft.get_peft_model(base, factory()).train()
     params = [p for p in model.parameters() if p.requires_grad]
     assert params
-    target = torch.randn_like(output(model, kw).detach())
-    optimizer = torch.optim.Adam(params, lr=0.05)
+    # A reachable target: the outputs of the same adapter moved away from its init (a "teacher").
+    start = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.3)
+        target = output(model, kw).detach()
+        for p, s in zip(params, start):
+            p.copy_(s)
+    optimizer = torch.optim.Adam(params, lr=0.02)
     losses = []
     for _ in range(15):
         optimizer.zero_grad()
@@ -97,7 +127,7 @@ def test_method_trains(model_name, factory):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.9 * losses[0], f"loss did not go down: {losses[0]:.4f} -> {losses[-1]:.4f}"
+    assert losses[-1] < 0.5 * losses[0], f"loss did not go down: {losses[0]:.4f} -> {losses[-1]:.4f}"
 
 
 def test_ia3_llama_defaults_match_peft():
@@ -157,10 +187,16 @@ def test_mixed_methods_in_one_model_switch(tmp_path):
 # (the common checks need an adapter that changes outputs at init); its checks are here, on perturbed copies.
 LN_CASES = [
     pytest.param("llama", lambda: dpeft.LNTuningConfig(task_type="CAUSAL_LM"), id="llama-default-targets"),
-    pytest.param("bert", lambda: dpeft.LNTuningConfig(target_modules=["LayerNorm"], task_type="SEQ_CLS",
-                                                      modules_to_save=["classifier"]), id="bert-layernorm"),
-    pytest.param("gpt2", lambda: dpeft.LNTuningConfig(target_modules=["ln_1", "ln_f"], task_type="CAUSAL_LM"),
-                 id="gpt2"),
+    pytest.param(
+        "bert",
+        lambda: dpeft.LNTuningConfig(
+            target_modules=["LayerNorm"], task_type="SEQ_CLS", modules_to_save=["classifier"]
+        ),
+        id="bert-layernorm",
+    ),
+    pytest.param(
+        "gpt2", lambda: dpeft.LNTuningConfig(target_modules=["ln_1", "ln_f"], task_type="CAUSAL_LM"), id="gpt2"
+    ),
 ]
 
 
@@ -237,3 +273,37 @@ def test_ln_tuning_two_adapters_and_mixed_batch():
 def test_ln_tuning_refuses_non_norm_layers():
     with pytest.raises(ValueError, match="not layer types"):
         dpeft.get_peft_model(build("mlp")[0], dpeft.LNTuningConfig(target_modules=["lin0"]))
+
+
+# ---------------------------------------------------------------------------------------------------- sharded store
+# The sharded backend needs no per-method code: the same parity check the LoRA rows pass (sharded forward and
+# gradients on 2 gloo ranks equal the local model's) runs for each method here, through test_sharded_store's helper.
+SHARDED_CONFIGS = {
+    "ia3": lambda: dpeft.IA3Config(init_ia3_weights=False),  # llama defaults: k, v, down (feedforward)
+    "loha": lambda: dpeft.LoHaConfig(target_modules=["q_proj", "v_proj"], r=3, init_weights=False),
+    "lokr": lambda: dpeft.LoKrConfig(target_modules=["q_proj", "down_proj"], r=2, init_weights=False),
+    "fourierft": lambda: dpeft.FourierFTConfig(target_modules=["q_proj", "v_proj"], n_frequency=40, scaling=10.0),
+    "ln-tuning": lambda: dpeft.LNTuningConfig(),
+}
+
+
+def _sharded_parity(names: list[str]) -> dict:
+    import test_sharded_store
+
+    test_sharded_store.CONFIGS.update(SHARDED_CONFIGS)  # runs in each spawned rank
+    return {name: test_sharded_store._parity(name) for name in names}
+
+
+@pytest.mark.dist
+@pytest.mark.slow  # ~90 s on 2 shared cores: two ranks build the tiny llama ten times
+def test_sharded_backend_matches_local_for_every_method():
+    from dist_utils import run_distributed
+
+    names = list(SHARDED_CONFIGS)
+    per_rank = run_distributed(_sharded_parity, 2, names)
+    for name in names:
+        for rank, r in enumerate(rank_results[name] for rank_results in per_rank):
+            assert r["backend"] == "sharded" and r["checked"] > 0, (name, rank, r)
+            assert r["loss_diff"] < 1e-6 and r["logit_diff"] < 1e-5, (name, rank, r)
+            assert r["value_diff"] == 0.0 and r["sd_diff"] == 0.0, (name, rank, r)
+            assert r["grad_diff"] < 1e-6, (name, rank, r)

@@ -41,7 +41,8 @@ class MethodRow:
     id: str
     config_cls: str
     kwargs: dict = field(default_factory=dict)
-    peft_interop: bool = True  # HF PEFT runs this method on bnb layers (checkpoints compared both ways)
+    peft_bits: tuple[int, ...] = (4, 8)  # bases on which HF PEFT can hold this method at all
+    peft_bnb: bool = True  # HF PEFT has bnb-specific layers for this method (else it wraps bnb as nn.Linear)
     peft_merge: bool = True  # HF PEFT's merge onto bnb layers is correct (re-quantizing merge compared with it)
     feedforward: bool = False  # IA3: the last target is a feedforward module
     mergeable: bool = True
@@ -55,13 +56,28 @@ class MethodRow:
 
 # PEFT's LoHa/LoKr/FourierFT wrap a bnb layer like a float nn.Linear: their forward is right, their merge adds
 # the delta to the packed integer weight, so only the forward and checkpoints are compared with PEFT for them.
+# PEFT's LoHa/LoKr also take their shapes from the packed 4-bit weight (N, 1), so PEFT has them on 8-bit only.
 METHODS = [
     MethodRow("lora", "LoraConfig", {"r": 4, "lora_alpha": 8, "init_lora_weights": False}),
     MethodRow("dora", "LoraConfig", {"r": 4, "lora_alpha": 8, "init_lora_weights": False, "use_dora": True}),
     MethodRow("ia3", "IA3Config", {}, peft_merge=False, feedforward=True),
-    MethodRow("loha", "LoHaConfig", {"r": 4, "alpha": 8, "init_weights": False}, peft_merge=False),
-    MethodRow("lokr", "LoKrConfig", {"r": 2, "alpha": 4, "init_weights": False}, peft_merge=False),
-    MethodRow("fourierft", "FourierFTConfig", {"n_frequency": 16, "scaling": 10.0}, peft_merge=False),
+    MethodRow(
+        "loha",
+        "LoHaConfig",
+        {"r": 4, "alpha": 8, "init_weights": False},
+        peft_bits=(8,),
+        peft_bnb=False,
+        peft_merge=False,
+    ),
+    MethodRow(
+        "lokr",
+        "LoKrConfig",
+        {"r": 2, "alpha": 4, "init_weights": False},
+        peft_bits=(8,),
+        peft_bnb=False,
+        peft_merge=False,
+    ),
+    MethodRow("fourierft", "FourierFTConfig", {"n_frequency": 16, "scaling": 10.0}, peft_bnb=False, peft_merge=False),
 ]
 
 
@@ -130,7 +146,7 @@ BASES = [
 ]
 
 GRID = [pytest.param(m, b, id=f"{m.id}-{b.id}") for m in METHODS for b in BASES]
-INTEROP = [pytest.param(m, b, id=f"{m.id}-{b.id}") for m in METHODS if m.peft_interop for b in BASES]
+INTEROP = [pytest.param(m, b, id=f"{m.id}-{b.id}") for m in METHODS for b in BASES if b.bits in m.peft_bits]
 MERGE = [pytest.param(m, b, id=f"{m.id}-{b.id}") for m in METHODS if m.mergeable for b in BASES]
 
 
@@ -243,7 +259,8 @@ def test_hf_peft_interop_both_ways(method, base, tmp_path):
     # HF PEFT saves, dpeft loads.
     peft, peft_cfg = _hf_peft(method, base, model := base.build())
     theirs = peft.get_peft_model(model, peft_cfg)
-    assert "bnb" in type(theirs.base_model.model.get_submodule(_first_target(theirs, base))).__module__
+    peft_layer = type(theirs.base_model.model.get_submodule(_first_target(theirs, base)))
+    assert ("bnb" in peft_layer.__module__) == method.peft_bnb, peft_layer
     perturb(theirs)
     theirs.train().save_pretrained(tmp_path / "peft")
     ours = dpeft.PeftModel.from_pretrained(base.build(), tmp_path / "peft").train()

@@ -183,3 +183,26 @@ def test_dequantize_merge_equals_float_merge():
     theirs = reference.merge_and_unload()
     for name, p in theirs.state_dict().items():
         assert_close(ours.state_dict()[name], p, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", METHODS[:2], ids=lambda m: m.id)
+def test_merge_unmerge_in_place_then_forward_matches_new_float_reference(method):
+    """After merge_adapter/unmerge_adapter re-quantize the base twice, the adapter runs on the new base weights.
+
+    For DoRA this checks that the cached row norms of the base weight were invalidated by the re-quantization.
+    """
+    base = BASES[0]
+    peft_model = adapted(method, base)
+    kw = base.inputs()
+    layer = peft_model.base_model.model.lin0.base_layer
+    before = layer.weight.data.clone()
+    with torch.no_grad():
+        _out(peft_model, kw)  # fills any cache from the original weights
+        peft_model.merge_adapter()
+        peft_model.unmerge_adapter()
+    assert not torch.equal(layer.weight.data, before), "re-quantizing twice moves some values to other grid points"
+    current_base = copy.deepcopy(peft_model).unload()
+    reference = dpeft.get_peft_model(float_reference(current_base), method.config(base.targets, None)).train()
+    dpeft.set_peft_model_state_dict(reference, dpeft.get_peft_model_state_dict(peft_model))
+    with torch.no_grad():
+        assert_close(_out(peft_model, kw), _out(reference, kw), atol=1e-5, msg="after merge + unmerge")

@@ -3,6 +3,7 @@ ranks with the sharded store (quantized base replicated, adapter state sharded) 
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -48,8 +49,11 @@ def test_run_config_switch_quantizes_the_base():
 
 
 def test_qlora_run_learns_and_saves_a_loadable_adapter(tmp_path):
-    result = run(TINY, [*QLORA, "train.steps=10", f"output.dir={tmp_path}"])
+    result = run(TINY, [*QLORA, "train.steps=10", f"output.dir={tmp_path}", "checkpoint.every=10"])
     assert result.losses[-1] < result.losses[0] - 0.3, result.losses
+    with open(os.path.join(result.checkpoints[-1], "dpeft.json")) as f:
+        quantization = json.load(f)["base_quantization"]
+    assert quantization["bits"] == 4 and quantization["quant_type"] == "nf4" and quantization["double_quant"]
     assert result.metrics_after["loss"] < result.metrics_before["loss"] - 0.3
     cfg = load_run_config(TINY, QLORA)
     base, _ = build_model(cfg.model, cfg.data.max_length, cfg.train.seed)
@@ -64,6 +68,7 @@ def _qlora_losses(out_dir: str, backend: str) -> list[float]:
     ).losses
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 def test_qlora_two_ranks_sharded_equals_one_process(tmp_path):
     single = _qlora_losses(str(tmp_path / "w1"), "local")

@@ -26,10 +26,12 @@ pytestmark = pytest.mark.dist
 
 CONFIGS = {
     "lora": lambda: dpeft.LoraConfig(target_modules="all-linear", r=6, init_lora_weights=False),
-    "dora": lambda: dpeft.LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=3, use_dora=True,
-                                     init_lora_weights=False),
-    "lora-mts": lambda: dpeft.LoraConfig(target_modules=["q_proj", "o_proj"], r=5, init_lora_weights=False,
-                                         modules_to_save=["lm_head"]),
+    "dora": lambda: dpeft.LoraConfig(
+        target_modules=["q_proj", "v_proj", "down_proj"], r=3, use_dora=True, init_lora_weights=False
+    ),
+    "lora-mts": lambda: dpeft.LoraConfig(
+        target_modules=["q_proj", "o_proj"], r=5, init_lora_weights=False, modules_to_save=["lm_head"]
+    ),
 }
 
 
@@ -88,9 +90,16 @@ def _parity(config_name: str) -> dict:
     sd_diff = max((full_sd[k] - v).abs().max().item() for k, v in local.store.state_dict("default").items())
     names = sorted(n for n, _ in sharded.named_parameters() if "lora_A" in n)[:1]
     return dict(
-        loss_diff=abs(loss_mean.item() - ref.item()), logit_diff=logit_diff, grad_diff=grad_diff,
-        value_diff=value_diff, sd_diff=sd_diff, checked=checked, shard_numel=shard_numel, full_numel=full_numel,
-        backend=sharded.store.backend, param_name=names,
+        loss_diff=abs(loss_mean.item() - ref.item()),
+        logit_diff=logit_diff,
+        grad_diff=grad_diff,
+        value_diff=value_diff,
+        sd_diff=sd_diff,
+        checked=checked,
+        shard_numel=shard_numel,
+        full_numel=full_numel,
+        backend=sharded.store.backend,
+        param_name=names,
         named_shape=[tuple(p.shape) for n, p in sharded.named_parameters() if n in names],
     )
 
@@ -122,10 +131,3 @@ def _check_parity(config_name: str, results: list[dict]) -> None:
         total = results[0]["full_numel"]
         assert sum(r["shard_numel"] for r in results) == total
         assert all(r["shard_numel"] <= total / 2 * 1.05 for r in results)
-
-
-def test_uneven_rows_on_four_ranks():
-    """r=3 does not split over 4 ranks: the last rank holds no rows of lora_A and everything still matches."""
-    results = run_distributed(_parity, 4, "dora")
-    for rank, r in enumerate(results):
-        assert r["loss_diff"] < 1e-6 and r["grad_diff"] < 1e-6 and r["value_diff"] == 0.0, (rank, r)

@@ -19,8 +19,16 @@ from dpeft.train.scaler import LossScaler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny_llama.yaml")
-FAST = ["train.progress_bar=false", "data.limit=128", "data.validation_size=16", "data.max_length=32",
+# One thread: on a few shared cores, torch's threads spin against each other (a 10x slowdown measured here).
+FAST = ["train.threads=1", "train.progress_bar=false", "data.limit=128", "data.validation_size=16", "data.max_length=32",
         "train.global_batch_size=8", "optim.lr=0.02"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _run(tmp_path, *overrides: str, name: str = "run"):
@@ -100,7 +108,7 @@ def test_seq_cls_on_local_jsonl_and_csv_files(tmp_path):
     csv_path.write_text("sentence,y\n" + "".join(f"{r['sentence']},{r['y']}\n" for r in rows))
     common = ["model.task=seq_cls", "data.text_field=sentence", "data.label_field=y", "train.steps=6",
               "data.validation_size=0.25", "train.eval_metrics=[loss, accuracy]", "peft.target_modules=[q_proj, v_proj]"]
-    results = [run(TINY, [*common, "train.progress_bar=false", f"data.source={path}", "data.limit=null",
+    results = [run(TINY, [*common, *FAST[:2], f"data.source={path}", "data.limit=null",
                           f"output.dir={tmp_path}/out_{path.suffix[1:]}"]) for path in (jsonl, csv_path)]
     assert results[0].losses == pytest.approx(results[1].losses, abs=1e-6)  # same rows, same run
     assert results[0].throughput_unit == "samples/s"

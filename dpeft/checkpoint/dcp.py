@@ -44,6 +44,7 @@ from dpeft.checkpoint.dcp_manifest import (
 )
 from dpeft.checkpoint.dcp_optim import load_optimizer_state, optimizer_state
 from dpeft.dist import barrier, get_rank, get_world_size, is_distributed
+from dpeft.quant.merge import base_quantization
 
 _STEP = re.compile(r"^step-(\d{8})$")
 
@@ -64,7 +65,11 @@ def step_dir(root: str, step: int) -> str:
 
 
 def save_checkpoint(
-    root: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None, extra: dict,
+    root: str,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    extra: dict,
     keep_last: int | None = None,
 ) -> str:
     """Publish ``root/step-XXXXXXXX`` atomically (every rank calls this; it is synchronous).
@@ -134,6 +139,7 @@ def _manifest(tuner, store, step: int, extra: dict, optim_meta: dict | None, dir
         "backend": store.backend,
         "adapters": {name: config.to_dict() for name, config in tuner.peft_config.items()},
         "base_fingerprint": base_fingerprint(tuner.model, _store_ids(store)),
+        "base_quantization": base_quantization(tuner.model),  # None for a float base
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "tensors": tensors,
         "optimizer": optim_meta,
@@ -231,7 +237,8 @@ def _check_tensors(path: str, manifest: dict, state: dict) -> None:
     problems += [f"{k} in the checkpoint but not in the model" for k in saved if k not in state]
     problems += [
         f"{k}: checkpoint shape {tuple(saved[k]['shape'])} != model shape {tuple(t.shape)}"
-        for k, t in state.items() if k in saved and tuple(saved[k]["shape"]) != tuple(t.shape)
+        for k, t in state.items()
+        if k in saved and tuple(saved[k]["shape"]) != tuple(t.shape)
     ]
     if problems:
         raise ValueError(f"checkpoint {path!r} does not fit the model: {'; '.join(problems[:5])}")

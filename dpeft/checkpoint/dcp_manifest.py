@@ -95,8 +95,10 @@ def read_manifest(path: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{file} is not valid JSON ({exc}); the checkpoint is damaged") from exc
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
-                         "it was written by another dpeft version")
+        raise ValueError(
+            f"{file}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
+            "it was written by another dpeft version"
+        )
     return manifest
 
 
@@ -127,14 +129,18 @@ def check_compatible(path: str, manifest: dict[str, Any], fingerprint: str, conf
     saved = {k: normalized_config(v) for k, v in manifest["adapters"].items()}
     mine = {k: normalized_config(v) for k, v in configs.items()}
     if sorted(saved) != sorted(mine):
-        raise ValueError(f"checkpoint {path!r} holds adapters {sorted(saved)} but the model has {sorted(mine)}; "
-                         "build the model with the same adapters")
+        raise ValueError(
+            f"checkpoint {path!r} holds adapters {sorted(saved)} but the model has {sorted(mine)}; "
+            "build the model with the same adapters"
+        )
     for name in saved:
         diff = sorted(k for k in set(saved[name]) | set(mine[name]) if saved[name].get(k) != mine[name].get(k))
         if diff:
             detail = ", ".join(f"{k}: saved {saved[name].get(k)!r} != model {mine[name].get(k)!r}" for k in diff[:5])
-            raise ValueError(f"checkpoint {path!r}: adapter {name!r} was saved with another config ({detail}); "
-                             "build the model with the checkpoint's config (it is in dpeft.json)")
+            raise ValueError(
+                f"checkpoint {path!r}: adapter {name!r} was saved with another config ({detail}); "
+                "build the model with the checkpoint's config (it is in dpeft.json)"
+            )
 
 
 def rng_state() -> dict[str, Any]:

@@ -37,8 +37,10 @@ def _param_keys(store, optimizer) -> tuple[dict[int, tuple[str, tuple[int, ...],
     for group in optimizer.param_groups:
         unknown = [tuple(p.shape) for p in group["params"] if id(p) not in keys]
         if unknown:
-            raise ValueError(f"the optimizer holds {len(unknown)} parameter(s) the adapter store does not own (shapes "
-                             f"{unknown[:3]}); build it on model.store.optimizer_parameters()")
+            raise ValueError(
+                f"the optimizer holds {len(unknown)} parameter(s) the adapter store does not own (shapes "
+                f"{unknown[:3]}); build it on model.store.optimizer_parameters()"
+            )
         groups.append([keys[id(p)][0] for p in group["params"]])
     return keys, groups
 

@@ -20,7 +20,7 @@ import torch
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-_COPY_CHUNK = 64 << 20  # raw copies move at most this many bytes through memory at once
+_COPY_CHUNK = 16 << 20  # raw copies move at most this many bytes through memory at once
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,

@@ -65,7 +65,7 @@ class PeftConfig:
     `extra_fields`, written back on save, and reported once with a warning.
     """
 
-    peft_type: str | None = field(default=None, metadata={"help": "The method, e.g. 'LORA'."})
+    peft_type: str | None = field(default=None, metadata={"help": "The method: a registered peft_type value."})
     task_type: str | None = field(default=None, metadata={"help": "The task, one of TaskType's values."})
     inference_mode: bool = field(default=False, metadata={"help": "Whether the adapter is loaded for inference."})
     base_model_name_or_path: str | None = field(default=None, metadata={"help": "Base model the adapter is for."})
@@ -112,7 +112,9 @@ class PeftConfig:
         """Build the config of the registered method named by `kwargs['peft_type']`."""
         peft_type = kwargs.get("peft_type")
         if peft_type is None:
-            raise ValueError("the config has no 'peft_type'; it must name the method, e.g. 'LORA'")
+            raise ValueError(
+                f"the config has no 'peft_type'; it must name the method, one of: {', '.join(registered_peft_types())}"
+            )
         peft_type = peft_type.value if isinstance(peft_type, enum.Enum) else peft_type
         config_cls = _CONFIG_CLASSES.get(peft_type)
         if config_cls is None:

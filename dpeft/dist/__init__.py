@@ -106,6 +106,29 @@ def all_reduce_mean(x: float) -> float:
     return t.item() / dist.get_world_size()
 
 
+def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of `params` over ranks in one flat all-reduce (DDP's result, for the local backend).
+
+    A missing gradient counts as zeros, so every rank sends the same layout.
+    """
+    if not is_distributed():
+        return
+    grads = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """`obj` from rank `src` on every rank (identity in a single process)."""
     if not is_distributed():
@@ -117,6 +140,7 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 
 __all__ = [
     "DistInfo",
+    "all_reduce_grads",
     "all_reduce_mean",
     "barrier",
     "broadcast_object",

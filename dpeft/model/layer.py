@@ -107,7 +107,8 @@ class AdaptedLayer(nn.Module):
     def _fused(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         """The method's fused base + adapter output for the single active adapter, if it has one here."""
         method = self.methods.get(name)
-        if method is None or method.transforms_input:
+        # The fused autograd functions mix dtypes in in-place GEMMs, which autocast does not cover.
+        if method is None or method.transforms_input or torch.is_autocast_enabled(x.device.type):
             return None
         return method.fused_forward(x, self.store.get(self.entries[name]), self.training)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -125,15 +126,30 @@ class PeftModel(nn.Module):
             self.base_model.enable_adapter_layers()
 
     # ------------------------------------------------------------------ adapters
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         """Add a new (inactive) adapter; `set_adapter` activates it."""
         self._add_head_modules(peft_config)
         active = self.base_model.active_adapter
-        self.base_model.inject_adapter(adapter_name, peft_config, init=not low_cpu_mem_usage)
+        previous = self.base_model.autocast_adapter_dtype
+        self.base_model.autocast_adapter_dtype = autocast_adapter_dtype
+        try:
+            self.base_model.inject_adapter(adapter_name, peft_config, init=not low_cpu_mem_usage)
+        finally:
+            self.base_model.autocast_adapter_dtype = previous
         self.base_model.set_adapter(active)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate adapter(s); they become trainable unless `inference_mode` (or their config's) freezes them."""
         self.base_model.set_adapter(adapter_name)
+        if inference_mode:
+            for name in [adapter_name] if isinstance(adapter_name, str) else adapter_name:
+                self.store.set_requires_grad(name, False)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self.base_model.delete_adapter(adapter_name)
@@ -179,10 +195,18 @@ class PeftModel(nn.Module):
         save_directory: str | os.PathLike,
         safe_serialization: bool = True,
         selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write each selected adapter in PEFT's format: `default` at the top, others in a subfolder of their name."""
+        """Write each selected adapter in PEFT's format: `default` at the top, others in a subfolder of their name.
+
+        `save_embedding_layers` also writes the base weights of embedding layers (True, False, or "auto": when
+        one is targeted). `path_initial_model_for_weight_conversion` (PiSSA/OLoRA conversion) is not available.
+        """
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError("path_initial_model_for_weight_conversion is not available in dpeft")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         missing = [n for n in names if n not in self.peft_config]
         if missing:
@@ -190,7 +214,10 @@ class PeftModel(nn.Module):
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a directory")
         # Under the sharded store, gathering full tensors is a collective every rank must take part in.
-        states = {n: get_peft_model_state_dict(self, adapter_name=n) for n in names} if (
+        states = {
+            n: get_peft_model_state_dict(self, adapter_name=n, save_embedding_layers=save_embedding_layers)
+            for n in names
+        } if (
             is_main_process or self.store.backend == "sharded") else {}
         if not is_main_process:
             return
@@ -221,17 +248,25 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         config: PeftConfig | None = None,
         autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
         low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         torch_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> PeftModel:
-        """Load a PEFT-format adapter onto `model`. On any error the base model is left as it was."""
+        """Load a PEFT-format adapter onto `model`. On any error the base model is left as it was.
+
+        `key_mapping` (regex -> replacement, first match wins, applied without the ``base_model.model.`` prefix)
+        renames checkpoint keys, by default with the model's `_checkpoint_conversion_mapping` as in PEFT.
+        `ephemeral_gpu_offload` is accepted for PEFT compatibility and has no effect.
+        """
         from dpeft.model.task_models import task_model_class
 
         config = config if config is not None else PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config.inference_mode = not is_trainable
         model_cls = task_model_class(config.task_type) if cls is PeftModel else cls
         state = load_adapter_weights(os.path.join(model_id, kwargs.get("subfolder") or ""))
+        state = _remap_keys(state, key_mapping if key_mapping is not None else _conversion_mapping(model))
         trainability = _trainability(model)
         try:
             peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
@@ -262,7 +297,9 @@ class PeftModel(nn.Module):
         is_trainable: bool = False,
         torch_device: str | None = None,
         autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
         low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         torch_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
@@ -272,9 +309,13 @@ class PeftModel(nn.Module):
         config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config.inference_mode = not is_trainable
         state = load_adapter_weights(os.path.join(model_id, kwargs.get("subfolder") or ""), device=torch_device or "cpu")
+        mapping = key_mapping if key_mapping is not None else _conversion_mapping(self.get_base_model())
+        state = _remap_keys(state, mapping)
         trainability = _trainability(self)
         try:
-            self.add_adapter(adapter_name, config, low_cpu_mem_usage=True)
+            self.add_adapter(
+                adapter_name, config, low_cpu_mem_usage=True, autocast_adapter_dtype=autocast_adapter_dtype
+            )
             self._load_state(state, adapter_name, torch_dtype)
         except BaseException:
             if adapter_name in self.peft_config:
@@ -292,3 +333,23 @@ def _trainability(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
 def _restore(trainability: list[tuple[nn.Parameter, bool]]) -> None:
     for param, requires_grad in trainability:
         param.requires_grad_(requires_grad)
+
+
+def _conversion_mapping(model: nn.Module) -> dict[str, str]:
+    return dict(getattr(model, "_checkpoint_conversion_mapping", None) or {})
+
+
+def _remap_keys(state: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Rename checkpoint keys with regex -> replacement rules (first rule that matches wins), prefix kept aside."""
+    if not key_mapping:
+        return state
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
+        body = key[len(prefix):]
+        for pattern, replacement in key_mapping.items():
+            body, count = re.subn(pattern, replacement, body)
+            if count:
+                break
+        out[prefix + body] = value
+    return out

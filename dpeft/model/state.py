@@ -1,4 +1,5 @@
-"""PEFT-format state dicts of a model: adapter tensors from the store plus trained base biases."""
+"""PEFT-format state dicts of a model: adapter tensors from the store, trained base biases, and (as PEFT saves
+them when an embedding layer is targeted) the base weights of adapted embedding layers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import re
 import torch
 from torch import nn
 
+from dpeft.model.layer import AdaptedLayer
 from dpeft.store import PEFT_PREFIX
+
+# transformers' input and output embedding names; PEFT saves their base weights when one is targeted.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 def _tuner(model: nn.Module):
@@ -34,13 +39,60 @@ def _bias_keys(tuner, adapter_name: str) -> dict[str, nn.Parameter]:
     return out
 
 
+def _embedding_targeted(config, model: nn.Module) -> bool:
+    """PEFT's rule: an embedding layer name is among `target_modules` (or a module it matches, for a regex)."""
+    targets = getattr(config, "target_modules", None)
+    if not targets:
+        return False
+    if isinstance(targets, str):
+        return any(
+            re.fullmatch(targets, n) for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES
+        )
+    return any(t == e or t.endswith(f".{e}") for t in targets for e in EMBEDDING_LAYER_NAMES)
+
+
+def _embedding_keys(tuner, adapted_only: bool) -> dict[str, nn.Parameter]:
+    """Base weights of the model's input/output embeddings under PEFT's saved names (transformers models only)."""
+    model = tuner.model
+    if not hasattr(model, "get_input_embeddings"):
+        return {}
+    layers = [model.get_input_embeddings()]
+    if hasattr(model, "get_output_embeddings"):
+        layers.append(model.get_output_embeddings())
+    ids = {id(layer) for layer in layers if layer is not None}
+    out = {}
+    for name, module in model.named_modules():
+        if id(module) not in ids:
+            continue
+        if isinstance(module, AdaptedLayer):
+            out[f"{PEFT_PREFIX}{name}.base_layer.weight"] = module.handler.weight_param
+        elif not adapted_only and isinstance(getattr(module, "weight", None), torch.Tensor):
+            out[f"{PEFT_PREFIX}{name}.weight"] = module.weight
+    return out
+
+
 def get_peft_model_state_dict(
-    model: nn.Module, state_dict: dict | None = None, adapter_name: str = "default", **kwargs
+    model: nn.Module,
+    state_dict: dict | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | str = "auto",
 ) -> dict[str, torch.Tensor]:
-    """The tensors `save_pretrained` writes for `adapter_name`, under HF PEFT's key names."""
+    """The tensors `save_pretrained` writes for `adapter_name`, under HF PEFT's key names.
+
+    Args:
+        save_embedding_layers: Also save the base weights of the embedding layers: True, False, or "auto" (when
+            an embedding layer is targeted, as PEFT does; PEFT's "auto" also checks the Hub config for a resized
+            vocabulary, which dpeft cannot reach).
+    """
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
     tuner = _tuner(model)
     out = tuner.store.state_dict(adapter_name)
     out.update({k: p.detach() for k, p in _bias_keys(tuner, adapter_name).items()})
+    targeted = _embedding_targeted(tuner.peft_config[adapter_name], tuner.model)
+    if save_embedding_layers is True or (save_embedding_layers == "auto" and targeted):
+        out.update({k: p.detach() for k, p in _embedding_keys(tuner, adapted_only=targeted).items()})
     if state_dict is not None:
         # A caller-provided state dict (e.g. gathered by an engine) overrides the values, key by key.
         out.update({k: state_dict[k] for k in out if k in state_dict})
@@ -49,7 +101,6 @@ def get_peft_model_state_dict(
 
 _LEGACY = [
     (re.compile(r"\.modules_to_save\.(?=[^.]+$)"), "."),  # older PEFT: head.modules_to_save.weight
-    (re.compile(r"\.lora_magnitude_vector\.weight$"), ".lora_magnitude_vector"),
 ]
 
 
@@ -63,6 +114,11 @@ def normalize_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
             key = PEFT_PREFIX + key
         out[key] = value
     return out
+
+
+def _without_weight_suffix(key: str, expected: set[str]) -> str:
+    stem = key.removesuffix(".weight")
+    return stem if key not in expected and stem != key and stem in expected else key
 
 
 def set_peft_model_state_dict(
@@ -82,7 +138,12 @@ def set_peft_model_state_dict(
     """
     tuner = _tuner(model)
     state = normalize_keys(peft_model_state_dict)
-    biases = _bias_keys(tuner, adapter_name)
+    # Base tensors a PEFT checkpoint may carry besides the adapter's own: trained biases, embedding weights.
+    biases = {**_embedding_keys(tuner, adapted_only=False), **_bias_keys(tuner, adapter_name)}
+    expected = set(tuner.store.keys(adapter_name)) | set(biases)
+    # Older PEFT saved some vectors as a module's `.weight` (e.g. a magnitude vector, now a plain parameter):
+    # a key that fits only without that suffix is that tensor.
+    state = {_without_weight_suffix(k, expected): v for k, v in state.items()}
     bias_part = {k: v for k, v in state.items() if k in biases}
     adapter_part = {k: v for k, v in state.items() if k not in biases}
     for key, value in bias_part.items():

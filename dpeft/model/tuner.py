@@ -181,7 +181,7 @@ class AdapterModel(nn.Module):
         for name, param in self.model.named_parameters():
             if bias == "all" and name.endswith("bias") and "modules_to_save" not in name:
                 param.requires_grad_(True)
-        if bias.endswith("_only"):  # "lora_only", "fourier_only", ...: the biases of adapted layers
+        if bias.endswith("_only"):  # "<method>_only": the biases of the adapted layers train
             for _, layer in self.adapted_layers():
                 if layer.handler.bias is not None:
                     layer.handler.bias.requires_grad_(True)

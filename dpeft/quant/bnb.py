@@ -160,21 +160,24 @@ class Linear4bitHandler(_BnbHandler):
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
-        """Re-quantize `weight` into the layer with its own quant type, block size and double quantization."""
-        import bitsandbytes as bnb
+        """Re-quantize `weight` into the layer with its own quant type, block size and double quantization.
 
-        old = self.layer.weight
-        _, state = self._unpacked()
-        new = bnb.nn.Params4bit(
-            weight.detach().to(device="cpu", dtype=state.dtype).contiguous(),
-            requires_grad=False,
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-            module=self.layer,
+        The same `quantize_4bit` call bnb makes when a `Params4bit` moves to a device (and PEFT's merge makes), but
+        into the existing parameter, so that optimizers and hooks holding it stay valid.
+        """
+        import bitsandbytes.functional as bnbf
+
+        param = self.layer.weight
+        dtype = self._unpacked()[1].dtype
+        packed, state = bnbf.quantize_4bit(
+            weight.detach().to(device=param.device, dtype=dtype).contiguous(),
+            blocksize=param.blocksize,
+            compress_statistics=param.compress_statistics,
+            quant_type=param.quant_type,
+            quant_storage=param.quant_storage,
         )
-        self.layer.weight = new.to(old.device)  # moving an unquantized Params4bit to a device quantizes it
+        param.data, param.quant_state, self.layer.quant_state = packed, state, state
+        _bump_version(param)
 
     def quantization(self) -> dict[str, object]:
         w, state = self.layer.weight, self._unpacked()[1]
@@ -236,16 +239,17 @@ class Linear8bitLtHandler(_BnbHandler):
 
     @torch.no_grad()
     def set_weight(self, weight: torch.Tensor) -> None:
-        """Re-quantize `weight` to int8 rows (bnb quantizes an Int8Params when it moves off the CPU or onto it)."""
-        import bitsandbytes as bnb
+        """Re-quantize `weight` to int8 rows with row scales, as bnb does when an `Int8Params` moves to a device."""
+        import bitsandbytes.functional as bnbf
 
-        old = self.layer.weight
-        if old.has_fp16_weights:
-            old.data.copy_(weight.to(old.dtype))
-            return
-        new = bnb.nn.Int8Params(weight.detach().to("cpu").contiguous(), requires_grad=False, has_fp16_weights=False)
-        self.layer.weight = new.to(old.device)
-        self.layer.state.reset_grads()  # forward re-reads CB/SCB from the new weight
+        param = self.layer.weight
+        if param.has_fp16_weights:
+            param.data.copy_(weight.to(param.dtype))
+        else:
+            rows, scales, _ = bnbf.int8_vectorwise_quant(weight.detach().to(param.device, torch.float16).contiguous())
+            param.data, param.CB, param.SCB = rows, rows, scales
+            self.layer.state.reset_grads()  # the next forward takes CB/SCB from the weight again
+        _bump_version(param)
 
     def quantization(self) -> dict[str, object]:
         return {
@@ -254,6 +258,12 @@ class Linear8bitLtHandler(_BnbHandler):
             "threshold": float(self.layer.state.threshold),
             "has_fp16_weights": bool(self.layer.weight.has_fp16_weights),
         }
+
+
+def _bump_version(param: torch.Tensor) -> None:
+    """Count a write through `.data` as a change of `param`, for caches keyed on its version (DoRA's row norms)."""
+    with torch.no_grad():
+        param.add_(0)
 
 
 def is_bnb_layer(module: nn.Module) -> bool:

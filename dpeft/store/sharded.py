@@ -110,7 +110,8 @@ class _GatherBucket(torch.autograd.Function):
         shard_grads = backend.reduce_scatter(bucket, grads) if any(ctx.needs_input_grad[4:]) else None
         if shard_grads is None:
             return (None, None, None, None) + (None,) * len(grads)
-        return (None, None, None, None, *[g if need else None for g, need in zip(shard_grads, ctx.needs_input_grad[4:])])
+        needs = ctx.needs_input_grad[4:]
+        return (None, None, None, None, *[g if need else None for g, need in zip(shard_grads, needs)])
 
 
 class ShardedBackend:
@@ -350,3 +351,24 @@ class ShardedBackend:
 def _as_dtensor(DTensor, Shard, mesh, local: torch.Tensor, shape: tuple[int, ...]):
     stride = torch.empty(shape, device="meta").stride()
     return DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride)
+
+
+def adapter_state_bytes(store, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes this rank holds for adapter parameters, their gradients and the optimizer's state of them.
+
+    Returns:
+        ``{"params": ..., "grads": ..., "optimizer": ..., "total": ...}`` (gradients that are None count 0).
+    """
+    params = list(store.parameters())
+    ids = {id(p) for p in params}
+    out = {
+        "params": sum(p.numel() * p.element_size() for p in params),
+        "grads": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None),
+        "optimizer": 0,
+    }
+    if optimizer is not None:
+        for param, state in optimizer.state.items():
+            if id(param) in ids:
+                out["optimizer"] += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    out["total"] = out["params"] + out["grads"] + out["optimizer"]
+    return out

@@ -249,7 +249,8 @@ class AdapterStore:
                 param = entry.params[name]
                 if entry.sharded:
                     self._sharded.load_full(entry, name, tensor)
-                elif assign and tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
+                    continue
+                if assign and tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
                     param.data = tensor  # adopt the freshly read buffer: no second copy
                 else:
                     param.copy_(tensor)

@@ -47,12 +47,6 @@ class RunResult:
     checkpoints: list[str] = field(default_factory=list)
 
 
-def _optimizer_parameters(store) -> list[torch.nn.Parameter]:
-    # Stores without a sharded backend hold full parameters, which is what the optimizer then sees.
-    fn = getattr(store, "optimizer_parameters", None)
-    return list(fn() if fn is not None else store.parameters())
-
-
 class _MetricsLog:
     """metrics.jsonl, written by rank 0 only (appended to when a run resumes)."""
 
@@ -101,7 +95,7 @@ class _Trainer:
         model, self.tokenizer = build_model(cfg.model, cfg.data.max_length, cfg.train.seed)
         self.splits = load_splits(cfg.data, cfg.model.task, self.tokenizer, cfg.train.seed)
         self.model = build_peft_model(model.to(info.device), cfg, self.backend, info)
-        self.params = [p for p in _optimizer_parameters(self.model.store) if p.requires_grad]
+        self.params = self.model.store.optimizer_parameters()
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.scaler = LossScaler(enabled=cfg.train.mixed_precision == "fp16")
         self.order = GlobalOrder(len(self.splits.train), cfg.train.seed)

@@ -29,7 +29,9 @@ class FourierFTConfig(TargetConfigMixin, PeftConfig):
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved in full."})
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
-    n_frequency_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Module regex -> n_frequency."})
+    n_frequency_pattern: dict[str, int] = field(
+        default_factory=dict, metadata={"help": "Module regex -> n_frequency."}
+    )
     init_weights: bool = field(default=False, metadata={"help": "True: spectrum starts at zero; False: normal."})
 
     PEFT_TYPE: ClassVar[str] = "FOURIERFT"

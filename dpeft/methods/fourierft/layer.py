@@ -52,5 +52,7 @@ class FourierFTLayer(MethodLayer):
         dense = dense.index_put((rows, cols), spectrum.float())
         return (torch.fft.ifft2(dense).real * self.scaling).to(spectrum.dtype)
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
+    ) -> torch.Tensor:
         return result + F.linear(x, self.delta_weight(p))

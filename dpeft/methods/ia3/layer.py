@@ -47,7 +47,9 @@ class IA3Layer(MethodLayer):
     def transform_input(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         return x * self._vector(p)
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
+    ) -> torch.Tensor:
         if self.is_feedforward:
             return result  # the input was already scaled before the base layer ran
         return result * self._vector(p).to(result.dtype)

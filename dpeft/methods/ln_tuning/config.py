@@ -12,18 +12,32 @@ from dpeft.config.targets import TargetConfigMixin
 LN_TUNING_TARGET_MODULES: dict[str, list[str]] = {
     "llama": ["input_layernorm", "post_attention_layernorm", "norm"],
     "bloom": ["input_layernorm", "post_attention_layernorm", "ln_f"],
-    "t5": ["layer_norm", "final_layer_norm"], "mt5": ["layer_norm", "final_layer_norm"],
+    "t5": ["layer_norm", "final_layer_norm"],
+    "mt5": ["layer_norm", "final_layer_norm"],
     "bart": ["self_attn_layer_norm", "encoder_attn_layer_norm", "final_layer_norm"],
-    "gpt2": ["ln_1", "ln_2", "ln_f"], "gptj": ["ln_1", "ln_f"],
+    "gpt2": ["ln_1", "ln_2", "ln_f"],
+    "gptj": ["ln_1", "ln_f"],
     "blip-2": ["layernorm", "LayerNorm", "final_layer_norm", "self_attn_layer_norm"],
     "falcon": ["input_layernorm", "post_attention_layernorm", "ln_f"],
     "mistral": ["input_layernorm", "post_attention_layernorm", "norm"],
-    "phi": ["input_layernorm", "final_layernorm"], "gemma": ["input_layernorm", "post_attention_layernorm", "norm"],
-    "gemma2": ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-               "post_feedforward_layernorm", "norm"],
-    "gemma3_text": ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                    "post_feedforward_layernorm", "norm"],
-    "qwen2": ["post_attention_layernorm"], "qwen3": ["post_attention_layernorm"],
+    "phi": ["input_layernorm", "final_layernorm"],
+    "gemma": ["input_layernorm", "post_attention_layernorm", "norm"],
+    "gemma2": [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+        "norm",
+    ],
+    "gemma3_text": [
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+        "norm",
+    ],
+    "qwen2": ["post_attention_layernorm"],
+    "qwen3": ["post_attention_layernorm"],
 }
 
 
@@ -47,5 +61,7 @@ class LNTuningConfig(TargetConfigMixin, PeftConfig):
         """Fill `target_modules` left None from PEFT's LN-tuning table for `model_type`."""
         if self.target_modules is None:
             if model_type not in LN_TUNING_TARGET_MODULES:
-                raise ValueError(f"no LN-tuning default target_modules for model_type {model_type!r}; set target_modules")
+                raise ValueError(
+                    f"no LN-tuning default target_modules for model_type {model_type!r}; set target_modules"
+                )
             self.target_modules = sorted(LN_TUNING_TARGET_MODULES[model_type])

@@ -28,7 +28,9 @@ class NormHandler(BaseHandler):
         names = {n for n, _ in layer.named_parameters(recurse=False)}
         no_children = not any(True for _ in layer.children())
         no_buffers = not any(True for _ in layer.named_buffers(recurse=False))
-        return "Norm" in type(layer).__name__ and names in ({"weight"}, {"weight", "bias"}) and no_children and no_buffers
+        return (
+            "Norm" in type(layer).__name__ and names in ({"weight"}, {"weight", "bias"}) and no_children and no_buffers
+        )
 
     @property
     def in_features(self) -> int:
@@ -49,7 +51,9 @@ class LNTuningLayer(MethodLayer):
         ]
         self._base_values: dict[str, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
+    ) -> torch.Tensor:
         # The copy replaces the base layer: its output is the layer's output (the base result is not used).
         return functional_call(self.handler.layer, {n: p[n] for n in self.names}, (x,))
 

@@ -76,7 +76,9 @@ class LycorisLayer(MethodLayer):
             weight = weight * drop
         return weight
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
+    ) -> torch.Tensor:
         if training and self.module_dropout and not bool(torch.rand(1) > self.module_dropout):
             return result  # module dropout: this adapter skips the whole step
         delta = self.delta_weight(p, rank_dropout=training and bool(self.rank_dropout))

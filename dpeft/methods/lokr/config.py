@@ -11,7 +11,7 @@ from dpeft.config.targets import TargetConfigMixin
 
 @dataclass
 class LoKrConfig(TargetConfigMixin, PeftConfig):
-    """Configuration of a LoKr adapter: the delta weight is a Kronecker product of two (optionally low-rank) factors."""
+    """Configuration of a LoKr adapter: the delta weight is a Kronecker product of two (maybe low-rank) factors."""
 
     rank_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Module regex -> rank."})
     alpha_pattern: dict[str, int] = field(default_factory=dict, metadata={"help": "Module regex -> alpha."})

@@ -1,0 +1,81 @@
+"""Train-step and inference-forward time of each non-LoRA method in dpeft against HF PEFT, same model and config.
+
+Run: python benchmarks/bench_methods.py [--steps 20] [--methods ia3,loha,lokr,fourierft,ln_tuning]
+Prints per method the median seconds per step for both libraries and the ratio dpeft / PEFT (lower is better).
+The model is a small llama (4 layers, hidden 256) built from a config, batch 4 x 128 tokens, float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+CONFIGS = {
+    "ia3": lambda lib: lib.IA3Config(task_type="CAUSAL_LM"),
+    "loha": lambda lib: lib.LoHaConfig(target_modules=["q_proj", "v_proj"], r=8, task_type="CAUSAL_LM"),
+    "lokr": lambda lib: lib.LoKrConfig(target_modules=["q_proj", "v_proj"], r=8, task_type="CAUSAL_LM"),
+    "fourierft": lambda lib: lib.FourierFTConfig(target_modules=["q_proj", "v_proj"], n_frequency=1000,
+                                                 task_type="CAUSAL_LM"),
+    "ln_tuning": lambda lib: lib.LNTuningConfig(task_type="CAUSAL_LM"),
+}
+
+
+def _model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+    return LlamaForCausalLM(config)
+
+
+def _time_steps(model, ids: torch.Tensor, steps: int, train: bool) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if train else None
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        if train:
+            model.train()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+        if i >= 3:  # warm-up steps excluded
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--methods", default=",".join(CONFIGS))
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    import peft
+
+    import dpeft
+
+    ids = torch.randint(0, 1000, (4, 128), generator=torch.Generator().manual_seed(1))
+    print(f"{'method':10} {'mode':6} {'dpeft s':>9} {'peft s':>9} {'ratio':>6}")
+    for name in args.methods.split(","):
+        for train in (True, False):
+            ours = dpeft.get_peft_model(_model(), CONFIGS[name](dpeft))
+            theirs = peft.get_peft_model(_model(), CONFIGS[name](peft))
+            # Interleave the two so that load from other processes on the machine hits both alike.
+            t_theirs = _time_steps(theirs, ids, args.steps, train)
+            t_ours = _time_steps(ours, ids, args.steps, train)
+            mode = "train" if train else "infer"
+            print(f"{name:10} {mode:6} {t_ours:9.4f} {t_theirs:9.4f} {t_ours / t_theirs:6.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
