@@ -18,8 +18,9 @@ CONFIGS = {
     "ia3": lambda lib: lib.IA3Config(task_type="CAUSAL_LM"),
     "loha": lambda lib: lib.LoHaConfig(target_modules=["q_proj", "v_proj"], r=8, task_type="CAUSAL_LM"),
     "lokr": lambda lib: lib.LoKrConfig(target_modules=["q_proj", "v_proj"], r=8, task_type="CAUSAL_LM"),
-    "fourierft": lambda lib: lib.FourierFTConfig(target_modules=["q_proj", "v_proj"], n_frequency=1000,
-                                                 task_type="CAUSAL_LM"),
+    "fourierft": lambda lib: lib.FourierFTConfig(
+        target_modules=["q_proj", "v_proj"], n_frequency=1000, task_type="CAUSAL_LM"
+    ),
     "ln_tuning": lambda lib: lib.LNTuningConfig(task_type="CAUSAL_LM"),
 }
 
@@ -28,30 +29,44 @@ def _model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(config)
 
 
-def _time_steps(model, ids: torch.Tensor, steps: int, train: bool) -> float:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if train else None
-    times = []
-    for i in range(steps + 3):
-        start = time.perf_counter()
-        if train:
-            model.train()
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            model.eval()
-            with torch.no_grad():
-                model(input_ids=ids)
-        if i >= 3:  # warm-up steps excluded
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _step(model, optimizer, ids: torch.Tensor, train: bool) -> float:
+    start = time.perf_counter()
+    if train:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        with torch.no_grad():
+            model(input_ids=ids)
+    return time.perf_counter() - start
+
+
+def _compare(ours, theirs, ids: torch.Tensor, steps: int, train: bool) -> tuple[float, float]:
+    """Median step times, the two libraries' steps alternating so that load from other processes hits both alike."""
+    runs = []
+    for model in (ours, theirs):
+        model.train(train)
+        params = [p for p in model.parameters() if p.requires_grad]
+        runs.append((model, torch.optim.AdamW(params, lr=1e-4), []))
+    for i in range(steps + 2):
+        for model, optimizer, times in runs:
+            t = _step(model, optimizer, ids, train)
+            if i >= 2:  # warm-up steps excluded
+                times.append(t)
+    return statistics.median(runs[0][2]), statistics.median(runs[1][2])
 
 
 def main() -> None:
@@ -70,9 +85,7 @@ def main() -> None:
         for train in (True, False):
             ours = dpeft.get_peft_model(_model(), CONFIGS[name](dpeft))
             theirs = peft.get_peft_model(_model(), CONFIGS[name](peft))
-            # Interleave the two so that load from other processes on the machine hits both alike.
-            t_theirs = _time_steps(theirs, ids, args.steps, train)
-            t_ours = _time_steps(ours, ids, args.steps, train)
+            t_ours, t_theirs = _compare(ours, theirs, ids, args.steps, train)
             mode = "train" if train else "infer"
             print(f"{name:10} {mode:6} {t_ours:9.4f} {t_theirs:9.4f} {t_ours / t_theirs:6.3f}", flush=True)
 

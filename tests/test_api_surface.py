@@ -171,8 +171,13 @@ def test_peft_style_code_runs(tmp_path):
 
     model, kw = build("llama")
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.05, bias="none",
-        task_type=peft.TaskType.CAUSAL_LM, init_lora_weights=False,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=0.05,
+        bias="none",
+        task_type=peft.TaskType.CAUSAL_LM,
+        init_lora_weights=False,
     )
     model = peft.get_peft_model(model, config)
     assert isinstance(model, peft.PeftModelForCausalLM)
@@ -265,8 +270,7 @@ def test_allowlist_entries_are_still_needed():
 
 def test_import_dpeft_stays_light():
     code = (
-        "import sys, dpeft; "
-        "print(sorted(m for m in ('deepspeed', 'ray', 'bitsandbytes', 'peft') if m in sys.modules))"
+        "import sys, dpeft; print(sorted(m for m in ('deepspeed', 'ray', 'bitsandbytes', 'peft') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert result.stdout.strip() == "[]", result.stdout + result.stderr

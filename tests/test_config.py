@@ -36,8 +36,13 @@ def test_lora_defaults_equal_peft():
 
 def test_json_roundtrip(tmp_path):
     config = dpeft.LoraConfig(
-        r=4, lora_alpha=16, target_modules={"q_proj", "v_proj"}, task_type=TaskType.CAUSAL_LM,
-        rank_pattern={"q_proj": 2}, layers_to_transform=[0, 1], use_dora=True,
+        r=4,
+        lora_alpha=16,
+        target_modules={"q_proj", "v_proj"},
+        task_type=TaskType.CAUSAL_LM,
+        rank_pattern={"q_proj": 2},
+        layers_to_transform=[0, 1],
+        use_dora=True,
     )
     assert config.target_modules == ["q_proj", "v_proj"], "sets become sorted lists (JSON has no sets)"
     assert config.task_type == "CAUSAL_LM" and config.peft_type == "LORA"

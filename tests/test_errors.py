@@ -79,6 +79,9 @@ def _bad_checkpoints(tmp_path) -> dict[str, tuple[object, str]]:
     cfg["target_modules"] = ["does_not_exist"]
     (nomatch / "adapter_config.json").write_text(json.dumps(cfg))
 
+    badjson = _saved(tmp_path, _lin(), "badjson")
+    (badjson / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4')
+
     noweights = _saved(tmp_path, _lin(), "noweights")
     (noweights / "adapter_model.safetensors").unlink()
 
@@ -91,10 +94,11 @@ def _bad_checkpoints(tmp_path) -> dict[str, tuple[object, str]]:
         "garbage": (garbage, r"cannot read .*adapter_model\.safetensors"),
         "nomatch": (nomatch, r"does_not_exist.*not found"),
         "noweights": (noweights, r"no adapter_model\.safetensors"),
+        "badjson": (badjson, r"adapter_config\.json is not valid JSON"),
     }
 
 
-BAD = ["shapes", "keys", "method", "absent", "corrupt", "garbage", "nomatch", "noweights"]
+BAD = ["shapes", "keys", "method", "absent", "corrupt", "garbage", "nomatch", "noweights", "badjson"]
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,8 @@ METHOD_CASES: dict[str, tuple[str, dict]] = {
         ),
     ),
     "dora": ("LORA", dict(target_modules=ATTN, init_lora_weights=False, use_dora=True)),
+    # PEFT saves the base weight of a targeted embedding with the adapter: the merge loads it, as in memory.
+    "lora-embedding": ("LORA", dict(target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)),
     "ia3": (
         "IA3",
         dict(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False),
@@ -347,3 +349,36 @@ def test_distributed_checkpoint_adapter(llama_dir: str, tmp_path) -> None:
     for name in os.listdir(tmp_path / "from_peft"):
         with open(tmp_path / "from_peft" / name, "rb") as a, open(tmp_path / "from_dcp" / name, "rb") as b:
             assert a.read() == b.read(), name
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_hf_peft_adapter_equals_hf_peft_merge(use_dora: bool, llama_dir: str, tmp_path) -> None:
+    """An adapter saved by HF PEFT (the test-only oracle) merges to what PEFT's own merge_and_unload gives."""
+    import peft
+
+    torch.manual_seed(5)
+    config = peft.LoraConfig(
+        target_modules=["q_proj", "v_proj", "gate_proj"],
+        init_lora_weights=False,
+        use_dora=use_dora,
+        task_type="CAUSAL_LM",
+        base_model_name_or_path="tiny-llama",
+    )
+    model = peft.get_peft_model(tiny_llama(), config).eval()
+    model.save_pretrained(str(tmp_path / "adapter"))
+    expected = logits(model.merge_and_unload())
+    run_merge(llama_dir, [str(tmp_path / "adapter")], str(tmp_path / "out"))
+    got = logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval())
+    assert (got - expected).abs().max().item() <= ATOL
+
+
+def test_safe_merge_stops_on_nan(llama_dir: str, tmp_path) -> None:
+    config = dpeft.LoraConfig(target_modules=["v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    model = dpeft.get_peft_model(tiny_llama(), config)
+    with torch.no_grad():
+        model.get_base_model().model.layers[1].self_attn.v_proj.lora_B["default"].weight[0, 0] = float("nan")
+    model.save_pretrained(str(tmp_path / "adapter"))
+    out = str(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"NaN or inf in model\.layers\.1\.self_attn\.v_proj\.weight"):
+        run_merge(llama_dir, [str(tmp_path / "adapter")], out, safe_merge=True, ignore_name_mismatch=True)
+    _nothing_written(tmp_path, out)

@@ -307,3 +307,62 @@ def test_sharded_backend_matches_local_for_every_method():
             assert r["loss_diff"] < 1e-6 and r["logit_diff"] < 1e-5, (name, rank, r)
             assert r["value_diff"] == 0.0 and r["sd_diff"] == 0.0, (name, rank, r)
             assert r["grad_diff"] < 1e-6, (name, rank, r)
+
+
+# ---------------------------------------------------------------------------------------------------- training parity
+PARITY = [
+    pytest.param(lambda: dpeft.IA3Config(task_type="CAUSAL_LM"), id="ia3"),
+    pytest.param(
+        lambda: dpeft.LoHaConfig(
+            target_modules=["q_proj", "v_proj"], r=4, rank_dropout=0.3, module_dropout=0.3, task_type="CAUSAL_LM"
+        ),
+        id="loha-dropouts",
+    ),
+    pytest.param(
+        lambda: dpeft.LoKrConfig(
+            target_modules=["q_proj", "down_proj"],
+            r=2,
+            rank_dropout=0.3,
+            rank_dropout_scale=True,
+            task_type="CAUSAL_LM",
+        ),
+        id="lokr-dropout",
+    ),
+    pytest.param(
+        lambda: dpeft.FourierFTConfig(
+            target_modules=["q_proj", "v_proj"], n_frequency=40, scaling=10.0, task_type="CAUSAL_LM"
+        ),
+        id="fourierft",
+    ),
+    pytest.param(lambda: dpeft.LNTuningConfig(task_type="CAUSAL_LM"), id="ln-tuning"),
+]
+
+
+def _train_losses(model, ids: torch.Tensor, seed: int) -> list[float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    model.train()
+    torch.manual_seed(seed)  # the dropout draws of both libraries start from the same state
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("factory", PARITY)
+def test_training_matches_peft_step_by_step(factory):
+    """Same seed, same init (see test_same_seed_gives_peft_tensors), same SGD steps: the same losses as PEFT,
+    including rank and module dropout, whose random draws follow PEFT's order."""
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(21)
+    ours = dpeft.get_peft_model(build("llama")[0], factory())
+    torch.manual_seed(21)
+    theirs = _peft_model("llama", factory())
+    ours_losses, theirs_losses = _train_losses(ours, ids, 5), _train_losses(theirs, ids, 5)
+    assert ours_losses[-1] < ours_losses[0]
+    for step, (a, b) in enumerate(zip(ours_losses, theirs_losses)):
+        assert abs(a - b) < 1e-5, f"step {step}: dpeft {a:.6f} vs PEFT {b:.6f}"

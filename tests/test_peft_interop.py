@@ -12,11 +12,11 @@ import warnings
 
 import pytest
 import torch
+from cases import CASES
 from conftest import assert_close, out, peft_config_of
 from models import build
 
 import dpeft
-from cases import CASES
 
 peft = pytest.importorskip("peft")
 
@@ -46,7 +46,9 @@ def test_peft_checkpoint_loads_in_dpeft(case, tmp_path):
     assert_close(out(loaded, kw), expected)
     theirs = set(reference.state_dict())
     ours = set(loaded.state_dict())
-    assert ours == theirs, f"module paths differ: only dpeft {sorted(ours - theirs)[:5]}, only PEFT {sorted(theirs - ours)[:5]}"
+    assert ours == theirs, (
+        f"module paths differ: only dpeft {sorted(ours - theirs)[:5]}, only PEFT {sorted(theirs - ours)[:5]}"
+    )
 
 
 @pytest.mark.parametrize("case", INTEROP)
@@ -159,3 +161,70 @@ def test_generate_mixed_batch_equals_per_adapter(num_beams):
     mixed = model.generate(input_ids=ids, adapter_names=names, **gen)
     for row, name in enumerate(names):
         assert torch.equal(mixed[row], expected[name][row]), f"row {row} ({name})"
+
+
+def test_older_peft_magnitude_key_loads(tmp_path):
+    """Older PEFT saved DoRA's magnitude as `lora_magnitude_vector.weight`; such files still load."""
+    from safetensors.torch import load_file, save_file
+
+    case = next(c for c in CASES if c.id == "dora-linear")
+    base, kw = build(case.model)
+    reference = peft.get_peft_model(base, peft_config_of(case.config()))
+    _perturb(reference, seed=3)
+    reference.eval()
+    reference.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    state = load_file(path)
+    renamed = {k + ".weight" if k.endswith("lora_magnitude_vector") else k: v for k, v in state.items()}
+    assert renamed != state
+    save_file(renamed, path)
+    loaded = dpeft.PeftModel.from_pretrained(build(case.model)[0], tmp_path)
+    assert_close(out(loaded, kw), out(reference, kw))
+
+
+def test_key_mapping_renames_checkpoint_keys(tmp_path):
+    case = next(c for c in CASES if c.id == "lora-linear")
+    base, kw = build(case.model)
+    model = dpeft.get_peft_model(base, case.config()).eval()
+    model.save_pretrained(tmp_path)
+    # Load onto a model whose layer is named differently, as transformers' checkpoint conversion mappings do.
+    renamed, _ = build(case.model)
+    renamed.first = renamed.lin0
+    del renamed.lin0
+    renamed.forward = lambda X: renamed.lin2(renamed.relu(renamed.lin1(renamed.relu(renamed.first(X)))))
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["first", "lin1"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="unexpected keys"):
+        dpeft.PeftModel.from_pretrained(renamed, tmp_path)
+    loaded = dpeft.PeftModel.from_pretrained(renamed, tmp_path, key_mapping={r"^lin0\.": "first."})
+    assert_close(out(loaded, kw), out(model, kw), atol=0)
+
+
+def test_save_embedding_layers_flag(tmp_path):
+    case = next(c for c in CASES if c.id == "lora-llama-embedding")
+    model = dpeft.get_peft_model(build(case.model)[0], case.config())
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in dpeft.get_peft_model_state_dict(model)
+    assert key not in dpeft.get_peft_model_state_dict(model, save_embedding_layers=False)
+    other = dpeft.get_peft_model(build("llama")[0], dpeft.LoraConfig(target_modules=["q_proj"]))
+    forced = dpeft.get_peft_model_state_dict(other, save_embedding_layers=True)
+    assert {"base_model.model.model.embed_tokens.weight", "base_model.model.lm_head.weight"} <= set(forced)
+    assert "base_model.model.model.embed_tokens.weight" not in dpeft.get_peft_model_state_dict(other)
+
+
+def test_mixed_batch_equals_peft_mixed_batch(tmp_path):
+    model, kw = _llama_two_adapters()
+    model.save_pretrained(tmp_path)
+    reference = peft.PeftModel.from_pretrained(build("llama")[0], tmp_path)
+    reference.load_adapter(tmp_path / "other", adapter_name="other")
+    reference.eval()
+    names = ["other", "__base__", "default", "other"]
+    ids = torch.cat([kw["input_ids"]] * 2)
+    assert_close(
+        out(model, {"input_ids": ids}, adapter_names=names), out(reference, {"input_ids": ids}, adapter_names=names)
+    )
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ours = model.generate(input_ids=ids[:, :5], adapter_names=names, **gen)
+    theirs = reference.generate(input_ids=ids[:, :5], adapter_names=names, **gen)
+    assert torch.equal(ours, theirs)

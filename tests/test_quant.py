@@ -17,6 +17,7 @@ import copy
 import functools
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -121,11 +122,11 @@ def _loaded_llama(bits: int) -> nn.Module:
 @dataclass(frozen=True)
 class Base:
     id: str
-    build: callable
+    build: Callable[[], nn.Module]
     bits: int
     targets: tuple[str, ...]
     task_type: str | None
-    inputs: callable
+    inputs: Callable[[], dict]
 
 
 def _mlp_inputs() -> dict:

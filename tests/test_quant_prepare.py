@@ -206,3 +206,28 @@ def test_merge_unmerge_in_place_then_forward_matches_new_float_reference(method)
     dpeft.set_peft_model_state_dict(reference, dpeft.get_peft_model_state_dict(peft_model))
     with torch.no_grad():
         assert_close(_out(peft_model, kw), _out(reference, kw), atol=1e-5, msg="after merge + unmerge")
+
+
+def test_4bit_weight_is_read_after_cpu_inference_packing():
+    """On AVX512-BF16 CPUs bnb repacks 4-bit weights for eval forwards (absmax in bf16); `weight()` undoes that."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    layer = quantize_linear_layers(nn.Sequential(nn.Linear(64, 32)), 4)[0]
+    handler = get_handler(layer)
+    before = handler.weight().clone()
+    layer.weight.data, _ = _convert_weight_packed_for_cpu(layer.weight.data, layer.weight.quant_state)
+    assert layer.weight.quant_state.packing_format_for_cpu
+    assert_close(handler.weight(), before, atol=1e-3, msg="dequantized after packing (bf16 absmax)")
+    assert layer.weight.quant_state.packing_format_for_cpu, "reading the weight must leave the layer as it was"
+    assert_close(handler.weight(), before, atol=1e-3, msg="read twice")
+    handler.set_weight(before)  # re-quantizing writes bnb's standard layout again
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    # Not exact: the re-quantized block scales go through double quantization again.
+    assert_close(handler.weight(), before, atol=1e-4, msg="re-quantized from grid values")
+
+
+def test_float_base_merge_records_nothing():
+    model = dpeft.get_peft_model(MLP(), dpeft.LoraConfig(target_modules=["lin0"], init_lora_weights=False))
+    merged = model.merge_and_unload(quantized_merge="dequantize")
+    assert not hasattr(merged, "dpeft_quantized_merge")
+    assert type(merged.lin0) is nn.Linear

@@ -73,5 +73,6 @@ def _qlora_losses(out_dir: str, backend: str) -> list[float]:
 def test_qlora_two_ranks_sharded_equals_one_process(tmp_path):
     single = _qlora_losses(str(tmp_path / "w1"), "local")
     ranks = run_distributed(_qlora_losses, 2, str(tmp_path / "w2"), "sharded", timeout=300)
+    print(f"QLoRA losses W=1 {single} W=2 sharded {ranks[0]}")
     assert ranks[0] == pytest.approx(ranks[1], abs=0)
     assert ranks[0] == pytest.approx(single, abs=1e-4), (ranks[0], single)

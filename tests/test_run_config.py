@@ -29,10 +29,21 @@ def test_every_shipped_config_loads_and_validates():
 
 
 def test_yaml_values_and_overrides(tmp_path):
-    path = _write(tmp_path, "train:\n  steps: 7\n  global_batch_size: 4\noptim:\n  lr: 1e-3\npeft:\n  peft_type: LORA\n"
-                            "  r: 8\n  target_modules: [q_proj]\n")
-    cfg = load_run_config(path, ["train.steps=12", "peft.r=4", "optim.schedule=cosine", "checkpoint.keep_last=null",
-                                 "train.eval_metrics=[loss, perplexity]"])
+    path = _write(
+        tmp_path,
+        "train:\n  steps: 7\n  global_batch_size: 4\noptim:\n  lr: 1e-3\npeft:\n  peft_type: LORA\n"
+        "  r: 8\n  target_modules: [q_proj]\n",
+    )
+    cfg = load_run_config(
+        path,
+        [
+            "train.steps=12",
+            "peft.r=4",
+            "optim.schedule=cosine",
+            "checkpoint.keep_last=null",
+            "train.eval_metrics=[loss, perplexity]",
+        ],
+    )
     assert cfg.train.steps == 12 and cfg.train.global_batch_size == 4
     assert cfg.optim.lr == pytest.approx(1e-3) and isinstance(cfg.optim.lr, float)  # PyYAML reads 1e-3 as a str
     assert cfg.peft == {"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}  # merged, not replaced
@@ -43,7 +54,10 @@ def test_yaml_values_and_overrides(tmp_path):
 
 def test_parse_overrides_nests_and_parses_yaml_scalars():
     assert parse_overrides(["a.b.c=3", "a.b.d=true", "x=1.5", "s=hello"]) == {
-        "a": {"b": {"c": 3, "d": True}}, "x": 1.5, "s": "hello"}
+        "a": {"b": {"c": 3, "d": True}},
+        "x": 1.5,
+        "s": "hello",
+    }
     with pytest.raises(ValueError, match="section.field=value"):
         parse_overrides(["train.steps"])
 
@@ -90,3 +104,15 @@ def test_every_field_is_documented():
     undocumented = [key for key, _, doc in rows if len(doc) < 10]
     assert not undocumented, undocumented
     assert ("train.steps", "100", "Optimizer steps.") in rows
+
+
+def test_cli_reports_config_errors_in_one_line_and_prints_the_resolved_config(capsys):
+    from dpeft.cli.main import main
+
+    with pytest.raises(
+        SystemExit, match=r"dpeft train: error: unknown config key\(s\) \['stepz'\] in section 'train'"
+    ):
+        main(["train", "--config", os.path.join(ROOT, "configs", "tiny_llama.yaml"), "train.stepz=3"])
+    main(["train", "--config", os.path.join(ROOT, "configs", "tiny_llama.yaml"), "--print-config", "peft.r=4"])
+    out = capsys.readouterr().out
+    assert "  r: 4\n" in out and "source: tiny-llama" in out and out.count("\n") > len(field_docs()) - 5

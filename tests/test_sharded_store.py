@@ -11,9 +11,11 @@ import copy
 import math
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -89,12 +91,23 @@ def _parity(config_name: str) -> dict:
     full_sd = sharded.store.state_dict("default")
     sd_diff = max((full_sd[k] - v).abs().max().item() for k, v in local.store.state_dict("default").items())
     names = sorted(n for n, _ in sharded.named_parameters() if "lora_A" in n)[:1]
+    # save_pretrained on every rank (the gather is collective; rank 0 writes) and merging gather correctly too
+    with tempfile.TemporaryDirectory() as tmp:
+        sharded.save_pretrained(tmp, is_main_process=rank == 0)
+        saved = load_file(os.path.join(tmp, "adapter_model.safetensors")) if rank == 0 else full_sd
+    saved_diff = max((saved[k] - v).abs().max().item() for k, v in full_sd.items())
+    with torch.no_grad():
+        sharded.merge_adapter()
+        local.merge_adapter()
+        merged_diff = (sharded(input_ids=mine).logits - local(input_ids=mine).logits).abs().max().item()
     return dict(
         loss_diff=abs(loss_mean.item() - ref.item()),
         logit_diff=logit_diff,
         grad_diff=grad_diff,
         value_diff=value_diff,
         sd_diff=sd_diff,
+        saved_diff=saved_diff,
+        merged_diff=merged_diff,
         checked=checked,
         shard_numel=shard_numel,
         full_numel=full_numel,
@@ -104,9 +117,48 @@ def _parity(config_name: str) -> dict:
     )
 
 
+def _mixed_adapters() -> dict:
+    """A second adapter added after `shard()` (sharded by calling it again), then a mixed-adapter batch."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    base, _ = build("llama")
+    twin = copy.deepcopy(base)
+    models = []
+    for model_base in (base, twin):
+        torch.manual_seed(0)
+        model = dpeft.get_peft_model(model_base, CONFIGS["lora"]())
+        model.add_adapter("other", CONFIGS["dora"]())
+        models.append(model)
+    local, sharded = models
+    sharded.store.shard()
+    for model in (sharded, local):
+        torch.manual_seed(1)
+        model.add_adapter("third", CONFIGS["lora"]())
+    sharded.store.shard()  # idempotent for the first two, shards "third"
+    for p in local.store.parameters():
+        dist.broadcast(p.data, 0)
+    ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(rank))
+    # Rank 1 has no row for "other" and another order: the layers still make the same gathers on every rank.
+    routing = ["other", "default", "__base__", "third"] if rank == 0 else ["third", "default", "default", "__base__"]
+    with torch.no_grad():
+        ours = sharded(input_ids=ids, adapter_names=routing).logits
+        diff = ours - local(input_ids=ids, adapter_names=routing).logits
+        sharded.set_adapter("other")  # one adapter only: partial use of the buckets of the others
+        local.set_adapter("other")
+        diff_other = (sharded(input_ids=ids).logits - local(input_ids=ids).logits).abs().max().item()
+    sharded_keys = sorted(k for k, (_, _, is_sharded) in sharded.store.param_keys().items() if is_sharded)
+    return {
+        "mixed_diff": diff.abs().max().item(),
+        "other_diff": diff_other,
+        "n_sharded": len(sharded_keys),
+        "n_total": len(sharded.store.param_keys()),
+    }
+
+
 def _parity_all(names: list[str]) -> dict:
     # One spawn for all configs: starting ranks costs more than the checks.
-    return {name: _parity(name) for name in names}
+    return {**{name: _parity(name) for name in names}, "mixed": _mixed_adapters()}
 
 
 def test_sharded_forward_backward_equals_local():
@@ -114,6 +166,10 @@ def test_sharded_forward_backward_equals_local():
     per_rank = run_distributed(_parity_all, 2, names)
     for name in names:
         _check_parity(name, [r[name] for r in per_rank])
+    for r in per_rank:
+        mixed = r["mixed"]
+        assert mixed["mixed_diff"] < 1e-5 and mixed["other_diff"] < 1e-5, mixed
+        assert mixed["n_sharded"] == mixed["n_total"], mixed  # the adapter added after shard() was sharded too
 
 
 def _check_parity(config_name: str, results: list[dict]) -> None:
@@ -124,7 +180,8 @@ def _check_parity(config_name: str, results: list[dict]) -> None:
         assert r["logit_diff"] < 1e-5, (rank, r)
         assert r["value_diff"] == 0.0, (rank, r)
         assert r["grad_diff"] < 1e-6, (rank, r)
-        assert r["sd_diff"] == 0.0, (rank, r)
+        assert r["sd_diff"] == 0.0 and r["saved_diff"] == 0.0, (rank, r)
+        assert r["merged_diff"] < 1e-5, (rank, r)
         # named_parameters shows shards at PEFT's module paths
         assert r["param_name"] and r["param_name"][0].endswith("lora_A.default.weight")
     if config_name == "lora":

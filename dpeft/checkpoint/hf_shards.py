@@ -85,14 +85,18 @@ def read_tensor(info: TensorInfo) -> torch.Tensor:
     """Read one tensor's bytes into a fresh CPU tensor (nothing else of the file is loaded)."""
     if info.dtype not in DTYPES:
         raise ValueError(f"{info.file}: tensor {info.name} has dtype {info.dtype}, which dpeft cannot read")
-    buf = bytearray(info.nbytes)
-    with open(info.file, "rb") as f:
-        f.seek(info.begin)
-        if f.readinto(buf) != info.nbytes:
-            raise ValueError(f"{info.file} is truncated: tensor {info.name} is incomplete")
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=DTYPES[info.dtype])
-    return torch.frombuffer(buf, dtype=DTYPES[info.dtype]).view(info.shape)
+    tensor = torch.empty(info.shape, dtype=DTYPES[info.dtype])
+    if info.nbytes:
+        with open(info.file, "rb", buffering=0) as f:  # unbuffered: straight into the tensor's memory
+            f.seek(info.begin)
+            view = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < info.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ValueError(f"{info.file} is truncated: tensor {info.name} is incomplete")
+                done += n
+    return tensor
 
 
 class TensorFiles:

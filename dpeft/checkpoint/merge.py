@@ -13,8 +13,10 @@ another (for LoRA: ``W + sum_k w_k * delta_k``).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,6 +49,26 @@ from dpeft.checkpoint.merge_plan import (
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _MERGE_DTYPES = {"keep": None, "float32": torch.float32}
+try:
+    _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+except OSError:  # a libc without that name (e.g. musl): memory is then only returned when malloc chooses to
+    _LIBC = None
+
+
+@dataclass
+class _Job:
+    """What every rank knows after planning: inputs, the merge steps and the output plan."""
+
+    base_dir: str
+    out_dir: str
+    base: TensorFiles
+    sources: list[AdapterSource]
+    plan: dict[str, list[Step]]
+    weights: list[float]
+    compute: torch.dtype | None
+    shards: list[list[OutTensor]]
+    names: list[str]
+    safe_merge: bool
 
 
 @dataclass
@@ -92,6 +114,7 @@ def merge_checkpoint(
     overwrite: bool = False,
     ignore_name_mismatch: bool = False,
     progress: bool = True,
+    safe_merge: bool = False,
 ) -> MergeReport:
     """Merge `adapters` into the safetensors checkpoint in `base_dir` and write the result to `out_dir`.
 
@@ -110,6 +133,7 @@ def merge_checkpoint(
         overwrite: Replace an existing `out_dir` (only once the new one is complete).
         ignore_name_mismatch: Merge even if an adapter's `base_model_name_or_path` names another folder.
         progress: Show a progress bar over tensors (rank 0).
+        safe_merge: Check every merged tensor for NaN and inf (off by default, as in `merge_and_unload`).
 
     Returns:
         A `MergeReport`.
@@ -127,7 +151,7 @@ def merge_checkpoint(
     skeleton = build_skeleton(base_dir, [s.config for s in sources])
     plan = build_plan(skeleton, base, sources)
     compute = _MERGE_DTYPES[merge_dtype]
-    changed = rehearse(plan, base, sources, weights, compute)
+    changed = rehearse(plan, base, sources, compute)
 
     tensors = [OutTensor(n, i.dtype, i.shape) for n, i in base.infos.items()]
     shards = plan_shards(tensors, parse_size(shard_size))
@@ -137,28 +161,43 @@ def merge_checkpoint(
         report.seconds = time.perf_counter() - start
         return report
 
+    job = _Job(base_dir, out_dir, base, sources, plan, weights, compute, shards, names, safe_merge)
+    report.rank_bytes = _write_and_publish(job, overwrite, progress)
+    report.out_dir = out_dir
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _write_and_publish(job: _Job, overwrite: bool, progress: bool) -> int:
+    """Write this rank's shards into a temporary folder; rank 0 publishes once all ranks succeeded.
+
+    Returns:
+        The bytes this rank wrote.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
-    tmp = f"{os.path.normpath(out_dir)}.tmp-{dist.broadcast_object(uuid.uuid4().hex[:12])}"
-    mine = assign_shards([sum(t.nbytes for t in s) for s in shards], world)[rank]
+    tmp = f"{os.path.normpath(job.out_dir)}.tmp-{dist.broadcast_object(uuid.uuid4().hex[:12])}"
+    mine = assign_shards([sum(t.nbytes for t in s) for s in job.shards], world)[rank]
     error: BaseException | None = None
+    written = 0
     try:
         os.makedirs(tmp, exist_ok=True)
         bar = tqdm(
-            total=sum(len(shards[i]) for i in mine),
+            total=sum(len(job.shards[i]) for i in mine),
             disable=not progress or rank != 0,
             unit="tensor",
             desc=f"merge (rank {rank}/{world})",
         )
         for i in mine:
-            _write_shard(os.path.join(tmp, names[i]), shards[i], base, plan, sources, weights, compute, bar)
-            report.rank_bytes += sum(t.nbytes for t in shards[i])
+            _write_shard(job, os.path.join(tmp, job.names[i]), job.shards[i], bar)
+            written += sum(t.nbytes for t in job.shards[i])
         bar.close()
     except BaseException as exc:  # noqa: BLE001 - every rank must reach the vote below, then it is re-raised
         error = exc
+    # A vote rather than a barrier: a rank that failed still takes part, so no rank waits forever.
     failed = dist.all_reduce_mean(1.0 if error is not None else 0.0) > 0
     if not failed and rank == 0:
         try:
-            _finish(tmp, base_dir, out_dir, shards, names, overwrite)
+            _finish(tmp, job, overwrite)
         except BaseException as exc:  # noqa: BLE001
             error = exc
     failed = dist.all_reduce_mean(1.0 if error is not None else 0.0) > 0
@@ -168,9 +207,7 @@ def merge_checkpoint(
         if error is not None:
             raise error
         raise RuntimeError("the merge failed on another rank (see its error); nothing was published")
-    report.out_dir = out_dir
-    report.seconds = time.perf_counter() - start
-    return report
+    return written
 
 
 def _check_args(
@@ -199,33 +236,33 @@ def _check_args(
 
 
 # ---------------------------------------------------------------------------------------------- writing
-def _write_shard(
-    path: str,
-    tensors: list[OutTensor],
-    base: TensorFiles,
-    plan: dict[str, list[Step]],
-    sources: list[AdapterSource],
-    weights: list[float],
-    compute: torch.dtype | None,
-    bar,
-) -> None:
+def _write_shard(job: _Job, path: str, tensors: list[OutTensor], bar) -> None:
+    """Write one output shard, tensor by tensor: merged where the plan says so, else copied byte for byte."""
     writer = ShardWriter(path, tensors)
     try:
         for t in tensors:
-            steps = plan.get(t.name)
+            steps = job.plan.get(t.name)
             if steps:
-                merged = run_steps(base.get(t.name), steps, sources, weights, compute)
-                if merged.is_floating_point() and not torch.isfinite(merged).all():
+                merged = run_steps(job.base.get(t.name), steps, job.sources, job.weights, job.compute)
+                if job.safe_merge and merged.is_floating_point() and not torch.isfinite(merged).all():
                     raise ValueError(f"merging gives NaN or inf in {t.name}; the adapter seems to be broken")
                 writer.write(t.name, merged)
                 del merged
+                _release_memory()
             else:
-                writer.copy_raw(t.name, base.infos[t.name])
+                writer.copy_raw(t.name, job.base.infos[t.name])
             bar.update(1)
         writer.close()
     except BaseException:
         writer.abort()
         raise
+
+
+def _release_memory() -> None:
+    """Give freed heap memory back to the OS after each merged tensor: glibc otherwise keeps it, and the peak RSS
+    grows with fragmentation instead of staying at one tensor's working set."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 def _fsync_dir(path: str) -> None:
@@ -236,14 +273,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _finish(
-    tmp: str, base_dir: str, out_dir: str, shards: list[list[OutTensor]], names: list[str], overwrite: bool
-) -> None:
+def _finish(tmp: str, job: _Job, overwrite: bool) -> None:
     """Rank 0, after every shard is written: index, config and tokenizer files, then publish by renaming."""
-    if len(shards) > 1:
-        write_index(tmp, shards, names)
-    for name in sorted(os.listdir(base_dir)):
-        src = os.path.join(base_dir, name)
+    out_dir = job.out_dir
+    if len(job.shards) > 1:
+        write_index(tmp, job.shards, job.names)
+    for name in sorted(os.listdir(job.base_dir)):
+        src = os.path.join(job.base_dir, name)
         if os.path.isfile(src) and not name.endswith(_WEIGHT_SUFFIXES) and name != SAFE_WEIGHTS_INDEX_NAME:
             shutil.copyfile(src, os.path.join(tmp, name))
     _fsync_dir(tmp)

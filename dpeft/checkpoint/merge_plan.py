@@ -65,6 +65,14 @@ class AdapterSource:
     def keys(self) -> list[str]:
         return list(self._keys)
 
+    def match_weight_suffix(self, expected: set[str]) -> None:
+        """Older PEFT saved some vectors as a module's ``.weight`` (e.g. DoRA's magnitude): a key that fits only
+        without that suffix is that tensor (as the in-memory loader reads it)."""
+        for key in list(self._keys):
+            stem = key.removesuffix(".weight")
+            if key not in expected and stem != key and stem in expected and stem not in self._keys:
+                self._keys[stem] = self._keys.pop(key)
+
     def shape(self, key: str) -> tuple[int, ...]:
         src = self._keys[key]
         return self._files.infos[src].shape if self._files is not None else tuple(self._tensors[src].shape)
@@ -185,15 +193,17 @@ def build_plan(peft_model: PeftModel, base: TensorFiles, sources: list[AdapterSo
     for i, source in enumerate(sources):
         name = f"adapter{i}"
         store = peft_model.store
-        keys = set(source.keys())
         expected = set(store.keys(name))
-        extra = _trained_bias_keys(source, keys - expected, name)
+        source.match_weight_suffix(expected)
+        keys = set(source.keys())
+        extra = _base_tensor_keys(model, keys - expected)
         metas = {k: torch.empty(source.shape(k), device="meta") for k in keys - set(extra)}
         try:
             store.check_state_dict(name, metas)
         except ValueError as exc:
             raise ValueError(f"adapter {source.path}: {exc}") from None
-        # A trained base bias is loaded before any merge adds to it, as in memory.
+        # Base tensors the adapter carries (trained biases, embedding weights) are loaded before any merge, as in
+        # memory.
         for key, module_param in extra.items():
             target = resolve(module_param)
             _check_shape(base, target, source.shape(key), source)
@@ -224,14 +234,15 @@ def build_plan(peft_model: PeftModel, base: TensorFiles, sources: list[AdapterSo
     return plan
 
 
-def _trained_bias_keys(source: AdapterSource, keys: set[str], adapter: str) -> dict[str, str]:
-    """Adapter keys of base biases trained with ``bias='all'|'lora_only'`` -> the model parameter they replace."""
-    if getattr(source.config, "bias", "none") == "none":
-        return {}
+def _base_tensor_keys(model: nn.Module, keys: set[str]) -> dict[str, str]:
+    """Adapter keys that hold base tensors (biases trained with ``bias='all'|'lora_only'``, embedding weights PEFT
+    saves when an embedding is targeted) -> the model parameter each replaces. Other keys stay unexpected."""
+    params = {n.replace(".base_layer.", ".") for n, _ in model.named_parameters(remove_duplicate=False)}
     out = {}
     for key in sorted(keys):
-        if key.startswith(PEFT_PREFIX) and key.endswith(".bias"):
-            out[key] = key[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
+        name = key[len(PEFT_PREFIX) :].replace(".base_layer.", ".")
+        if key.startswith(PEFT_PREFIX) and name in params:
+            out[key] = name
     return out
 
 
@@ -302,7 +313,6 @@ def rehearse(
     plan: dict[str, list[Step]],
     base: TensorFiles,
     sources: list[AdapterSource],
-    weights: list[float],
     compute: torch.dtype | None,
 ) -> dict[str, tuple[tuple[int, ...], str, list[int]]]:
     """Run every step on meta tensors: shape errors surface before anything is written, and steps that change

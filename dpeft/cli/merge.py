@@ -29,6 +29,7 @@ def run(args: argparse.Namespace) -> None:
             dry_run=args.dry_run,
             overwrite=args.overwrite,
             ignore_name_mismatch=args.ignore_name_mismatch,
+            safe_merge=args.safe_merge,
             progress=not args.no_progress,
         )
     except ValueError as exc:
@@ -82,6 +83,11 @@ def add_parser(subparsers) -> None:
         "--ignore-name-mismatch",
         action="store_true",
         help="Merge even if an adapter's base_model_name_or_path names another folder.",
+    )
+    parser.add_argument(
+        "--safe-merge",
+        action="store_true",
+        help="Check every merged tensor for NaN/inf and stop (publishing nothing) if one has any.",
     )
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
     parser.set_defaults(func=run)

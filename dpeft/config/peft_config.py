@@ -148,7 +148,13 @@ class PeftConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> dict[str, Any]:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON ({exc}); save the adapter config again") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object of config fields, not {type(data).__name__}")
+        return data
 
     @classmethod
     def from_pretrained(

@@ -27,36 +27,61 @@ def _f(default: Any, doc: str) -> Any:
 class ModelSection:
     """The base model."""
 
-    source: str = _f("tiny-llama", "A local Hugging Face model folder, a packaged model ('all-minilm-l6-v2', "
-                     "'smollm2-135m'), or 'tiny-llama' (random weights built from `tiny`).")
-    task: Literal["causal_lm", "seq_cls"] = _f("causal_lm", "What the model learns: next-token prediction "
-                                              "(causal_lm) or sequence classification (seq_cls).")
+    source: str = _f(
+        "tiny-llama",
+        "A local Hugging Face model folder, a packaged model ('all-minilm-l6-v2', "
+        "'smollm2-135m'), or 'tiny-llama' (random weights built from `tiny`).",
+    )
+    task: Literal["causal_lm", "seq_cls"] = _f(
+        "causal_lm", "What the model learns: next-token prediction (causal_lm) or sequence classification (seq_cls)."
+    )
     num_labels: int = _f(2, "Number of classes for seq_cls.")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the base model weights.")
-    tiny: dict = _f({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "num_key_value_heads": 2}, "LlamaConfig fields for source 'tiny-llama' (byte-level tokens: vocab_size 259).")
-    load_in_4bit: bool = _f(False, "QLoRA: quantize the base's linear layers (not the output head) to bitsandbytes "
-                            "4-bit (Linear4bit) before adding adapters.")
-    load_in_8bit: bool = _f(False, "Quantize the base's linear layers (not the output head) to bitsandbytes 8-bit "
-                            "(Linear8bitLt, LLM.int8()).")
+    tiny: dict = _f(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        "LlamaConfig fields for source 'tiny-llama' (byte-level tokens: vocab_size 259).",
+    )
+    load_in_4bit: bool = _f(
+        False,
+        "QLoRA: quantize the base's linear layers (not the output head) to bitsandbytes "
+        "4-bit (Linear4bit) before adding adapters.",
+    )
+    load_in_8bit: bool = _f(
+        False,
+        "Quantize the base's linear layers (not the output head) to bitsandbytes 8-bit (Linear8bitLt, LLM.int8()).",
+    )
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = _f("nf4", "4-bit data type.")
     bnb_4bit_use_double_quant: bool = _f(True, "4-bit: also quantize the per-block scales (QLoRA's double quant).")
     bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(
-        None, "4-bit: dtype of the dequantized matmul; null = the input's dtype.")
+        None, "4-bit: dtype of the dequantized matmul; null = the input's dtype."
+    )
 
 
 @dataclass
 class DataSection:
     """The training and validation data."""
 
-    source: str = _f("hamlet", "A packaged dataset ('rotten_tomatoes', 'chatterbot_qa', 'hamlet') or the path of a "
-                     "local .jsonl, .csv or .txt file.")
+    source: str = _f(
+        "hamlet",
+        "A packaged dataset ('rotten_tomatoes', 'chatterbot_qa', 'hamlet') or the path of a "
+        "local .jsonl, .csv or .txt file.",
+    )
     text_field: str = _f("text", "Column/key holding the input text (jsonl/csv), or the prompt for Q/A data.")
     label_field: str = _f("label", "Column/key holding the class label (seq_cls; integers or strings).")
-    response_field: str | None = _f(None, "Column/key holding the answer for prompt/answer data (causal_lm); the "
-                                    "loss then covers only the answer tokens.")
-    max_length: int = _f(128, "Tokens per example (longer inputs are truncated; txt files are cut into chunks of "
-                         "this length).")
+    response_field: str | None = _f(
+        None,
+        "Column/key holding the answer for prompt/answer data (causal_lm); the "
+        "loss then covers only the answer tokens.",
+    )
+    max_length: int = _f(
+        128, "Tokens per example (longer inputs are truncated; txt files are cut into chunks of this length)."
+    )
     validation_size: float = _f(0.1, "Held-out validation split: a fraction (< 1) or a number of examples.")
     limit: int | None = _f(None, "Use at most this many examples in all (after a seeded shuffle); null = all.")
 
@@ -65,9 +90,12 @@ class DataSection:
 class StoreSection:
     """Where adapter state lives."""
 
-    backend: Literal["auto", "local", "sharded"] = _f("auto", "'local' (plain parameters, gradients all-reduced "
-                                                      "when distributed), 'sharded' (ZeRO-3 style over ranks) or "
-                                                      "'auto' (local in one process, sharded under torchrun).")
+    backend: Literal["auto", "local", "sharded"] = _f(
+        "auto",
+        "'local' (plain parameters, gradients all-reduced "
+        "when distributed), 'sharded' (ZeRO-3 style over ranks) or "
+        "'auto' (local in one process, sharded under torchrun).",
+    )
 
 
 @dataclass
@@ -79,8 +107,9 @@ class OptimSection:
     weight_decay: float = _f(0.0, "Decoupled weight decay (adamw) or L2 penalty (sgd).")
     betas: list = _f([0.9, 0.999], "AdamW betas.")
     momentum: float = _f(0.0, "SGD momentum.")
-    schedule: Literal["constant", "linear", "cosine"] = _f("constant", "Decay after warmup: none, linear to 0, or "
-                                                           "cosine to 0 at the last step.")
+    schedule: Literal["constant", "linear", "cosine"] = _f(
+        "constant", "Decay after warmup: none, linear to 0, or cosine to 0 at the last step."
+    )
     warmup_steps: int = _f(0, "Steps of linear warmup from 0 to lr.")
     max_grad_norm: float | None = _f(None, "Clip the global gradient norm to this value; null = no clipping.")
 
@@ -90,15 +119,22 @@ class TrainSection:
     """The training loop."""
 
     steps: int = _f(100, "Optimizer steps.")
-    global_batch_size: int = _f(16, "Examples per optimizer step over all ranks and accumulation steps; must be a "
-                                "multiple of world size x grad_accum_steps.")
+    global_batch_size: int = _f(
+        16,
+        "Examples per optimizer step over all ranks and accumulation steps; must be a "
+        "multiple of world size x grad_accum_steps.",
+    )
     grad_accum_steps: int = _f(1, "Micro-batches accumulated per optimizer step on each rank.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "Autocast the forward to this dtype (fp16 adds "
-                                                        "loss scaling).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f(
+        "no", "Autocast the forward to this dtype (fp16 adds loss scaling)."
+    )
     seed: int = _f(0, "Seed of adapter init, data order and dropout.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "Where to compute: CUDA when available (auto), or forced.")
-    threads: int = _f(0, "CPU threads per rank for torch ops (0 = torch's default); 1 helps when ranks or other "
-                      "jobs share few cores, where threads spin against each other.")
+    threads: int = _f(
+        0,
+        "CPU threads per rank for torch ops (0 = torch's default); 1 helps when ranks or other "
+        "jobs share few cores, where threads spin against each other.",
+    )
     eval_every: int = _f(0, "Evaluate every this many steps (0 = only before and after training).")
     eval_batch_size: int = _f(64, "Examples per evaluation batch on each rank.")
     eval_metrics: list = _f(["loss"], "Validation metrics: loss, accuracy (seq_cls), perplexity (causal_lm).")
@@ -113,8 +149,11 @@ class CheckpointSection:
     dir: str | None = _f(None, "Root folder of step-XXXXXXXX checkpoints; null = output.dir/checkpoints.")
     every: int = _f(0, "Save every this many steps (0 = never).")
     keep_last: int | None = _f(None, "Keep only the newest this many checkpoints; null = keep all.")
-    resume: str = _f("auto", "'auto' (continue from the newest complete checkpoint in dir, if any), 'never', or "
-                     "the path of a step directory.")
+    resume: str = _f(
+        "auto",
+        "'auto' (continue from the newest complete checkpoint in dir, if any), 'never', or "
+        "the path of a step directory.",
+    )
 
 
 @dataclass
@@ -131,14 +170,17 @@ class RunConfig:
 
     model: ModelSection = field(default_factory=ModelSection, metadata={"doc": ModelSection.__doc__})
     data: DataSection = field(default_factory=DataSection, metadata={"doc": DataSection.__doc__})
-    peft: dict = _f({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-                    "The adapter config, passed to dpeft.get_peft_config (PEFT's field names; task_type is set from "
-                    "model.task when absent).")
+    peft: dict = _f(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
+        "The adapter config, passed to dpeft.get_peft_config (PEFT's field names; task_type is set from "
+        "model.task when absent).",
+    )
     store: StoreSection = field(default_factory=StoreSection, metadata={"doc": StoreSection.__doc__})
     optim: OptimSection = field(default_factory=OptimSection, metadata={"doc": OptimSection.__doc__})
     train: TrainSection = field(default_factory=TrainSection, metadata={"doc": TrainSection.__doc__})
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection,
-                                          metadata={"doc": CheckpointSection.__doc__})
+    checkpoint: CheckpointSection = field(
+        default_factory=CheckpointSection, metadata={"doc": CheckpointSection.__doc__}
+    )
     output: OutputSection = field(default_factory=OutputSection, metadata={"doc": OutputSection.__doc__})
 
     def to_dict(self) -> dict[str, Any]:

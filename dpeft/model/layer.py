@@ -122,8 +122,13 @@ class AdaptedLayer(nn.Module):
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(routing):
             rows.setdefault(name, []).append(i)
-        for name, idx in rows.items():
-            if name == BASE_ADAPTER or name not in self.methods:
+        # A fixed order, and under the sharded store a gather even for adapters without rows on this rank: gathers
+        # are collectives, so every rank must make the same ones whatever its rows are.
+        for name in self.methods:
+            idx = rows.get(name)
+            if idx is None:
+                if self.entries[name].sharded:
+                    self.store.get(self.entries[name])
                 continue
             index = torch.tensor(idx, device=result.device)
             x_rows = x.index_select(0, index)

@@ -68,9 +68,10 @@ class PeftModel(nn.Module):
         return self.base_model.peft_config
 
     @property
-    def active_adapter(self) -> str:
+    def active_adapter(self) -> str | None:
+        """The active adapter (the first one when several are active; None once all are deleted)."""
         active = self.base_model.active_adapter
-        return active if isinstance(active, str) else active[0]
+        return active if isinstance(active, str) else (active[0] if active else None)
 
     @property
     def active_adapters(self) -> list[str]:
@@ -166,7 +167,8 @@ class PeftModel(nn.Module):
     ) -> nn.Module:
         """Merge and return the base model; `quantized_merge` ("requantize"/"dequantize") is for quantized bases."""
         return self.base_model.merge_and_unload(
-            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names, quantized_merge=quantized_merge
+            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names,
+            quantized_merge=quantized_merge,
         )
 
     def unload(self) -> nn.Module:

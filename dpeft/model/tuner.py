@@ -214,8 +214,8 @@ class AdapterModel(nn.Module):
         if not _rollback and adapter_name in self.active_adapters:
             # As in PEFT: the other active adapters stay active; with none left, the first remaining one is.
             remaining = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
-            if remaining:
-                self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
+            # With no adapter left nothing is active, so a later add_adapter does not re-activate a deleted name.
+            self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
 
     def enable_adapter_layers(self) -> None:
         for _, module in self._wrappers():
@@ -289,8 +289,9 @@ def _replace_base_layer(layer: AdaptedLayer, base_layer: nn.Module) -> None:
 
 def _inside_wrapper(model: nn.Module, name: str) -> bool:
     """True for modules inside a wrapper (a base layer or a saved copy), which must never be wrapped again."""
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        if isinstance(model.get_submodule(".".join(parts[:i])), (AdaptedLayer, ModulesToSaveWrapper)):
+    module = model
+    for part in name.split(".")[:-1]:  # one walk down the path (not a lookup from the root per ancestor)
+        module = module.get_submodule(part)
+        if isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
             return True
     return False

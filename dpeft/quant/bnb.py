@@ -11,6 +11,8 @@ module, so `import dpeft` never imports bitsandbytes.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -143,7 +145,8 @@ class Linear4bitHandler(_BnbHandler):
         if getattr(state, "packing_format_for_cpu", False):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-            weight, state = _convert_weight_packed_for_cpu_inverse(weight, state)
+            # The inverse rewrites the state it is given; the layer keeps running on its packed copy.
+            weight, state = _convert_weight_packed_for_cpu_inverse(weight, copy.copy(state))
         return weight, state
 
     def weight(self) -> torch.Tensor:

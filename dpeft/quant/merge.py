@@ -28,14 +28,17 @@ def check_quantized_merge(policy: str) -> None:
 
 
 def base_quantization(model: nn.Module) -> dict[str, object] | None:
-    """How `model`'s base is quantized: its transformers `quantization_config`, else its first bnb layer's settings."""
+    """How `model`'s bnb-quantized base is quantized (None if it has no bnb layer).
+
+    Its transformers `quantization_config` when it has one, else the settings of its first bnb layer.
+    """
+    first = next((m for m in model.modules() if is_bnb_layer(m)), None)
+    if first is None:
+        return None
     qconfig = getattr(getattr(model, "config", None), "quantization_config", None)
     if qconfig is not None:
         return qconfig.to_dict() if hasattr(qconfig, "to_dict") else dict(qconfig)
-    for module in model.modules():
-        if is_bnb_layer(module):
-            return quantized_handler(module).quantization()
-    return None
+    return quantized_handler(first).quantization()
 
 
 def dequantize_model(model: nn.Module) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import dataclasses
 import glob
 import importlib.util
 import json
@@ -74,8 +75,10 @@ def _chatterbot_qa() -> list[dict]:
 def _read_rows(path: str) -> list[dict] | str:
     """Rows of a .jsonl/.csv file, or the whole text of a .txt file."""
     if not os.path.isfile(path):
-        raise ValueError(f"data file {path!r} does not exist (data.source is a packaged dataset "
-                         f"{sorted(PACKAGED)} or a local .jsonl/.csv/.txt file)")
+        raise ValueError(
+            f"data file {path!r} does not exist (data.source is a packaged dataset "
+            f"{sorted(PACKAGED)} or a local .jsonl/.csv/.txt file)"
+        )
     ext = os.path.splitext(path)[1].lower()
     with open(path, encoding="utf-8", newline="") as f:
         if ext == ".txt":
@@ -159,8 +162,6 @@ def load_splits(cfg: DataSection, task: str, tokenizer, seed: int) -> Splits:
 
 
 def _with(cfg: DataSection, **changes) -> DataSection:
-    import dataclasses
-
     return dataclasses.replace(cfg, **changes)
 
 

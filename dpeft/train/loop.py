@@ -49,8 +49,9 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Ten
     if task == "seq_cls":
         return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
     logits = logits[:, :-1].float()
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, sharded: bool, all_reduce_mean, world: int) -> float:
@@ -68,8 +69,20 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float, sharded: bool, a
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: list[Example], task: str, metrics: list[str], *, batch_size: int,
-             pad_id: int, device: torch.device, autocast, rank: int, world: int, all_reduce_mean) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    examples: list[Example],
+    task: str,
+    metrics: list[str],
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    autocast,
+    rank: int,
+    world: int,
+    all_reduce_mean,
+) -> dict[str, float]:
     """Validation metrics over `examples`, each rank taking every W-th example.
 
     Every rank runs the same number of forwards (a rank with nothing left runs one row at weight 0), because
@@ -78,7 +91,7 @@ def evaluate(model: nn.Module, examples: list[Example], task: str, metrics: list
     unknown = sorted(set(metrics) - {"loss", "accuracy", "perplexity"})
     if unknown or ("accuracy" in metrics and task != "seq_cls"):
         raise ValueError(f"train.eval_metrics {metrics}: use loss, perplexity, and accuracy (seq_cls only)")
-    if not examples:
+    if not examples or not metrics:
         return {}
     was_training = model.training
     model.eval()

@@ -51,8 +51,9 @@ class HFTokenizer:
 
     def encode_pair(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
         if getattr(self.tok, "chat_template", None):
-            text = self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                add_generation_prompt=True)
+            text = self.tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
         else:
             text = f"Q: {prompt}\nA: "
         prompt_ids = self.tok(text, add_special_tokens=False)["input_ids"]
@@ -63,7 +64,8 @@ class HFTokenizer:
 def cache_dir() -> str:
     """Where converted models are cached: $DPEFT_CACHE, else $XDG_CACHE_HOME/dpeft, else ~/.cache/dpeft."""
     root = os.environ.get("DPEFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpeft")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dpeft"
+    )
     return root
 
 
@@ -102,8 +104,10 @@ def model_folder(source: str) -> str:
     if source == "smollm2-135m":
         return smollm2_folder()
     if not os.path.isfile(os.path.join(source, "config.json")):
-        raise ValueError(f"model.source {source!r} is neither a packaged model {list(PACKAGED_MODELS)} nor a local "
-                         "Hugging Face folder with a config.json")
+        raise ValueError(
+            f"model.source {source!r} is neither a packaged model {list(PACKAGED_MODELS)} nor a local "
+            "Hugging Face folder with a config.json"
+        )
     return source
 
 
@@ -118,9 +122,14 @@ def build_model(cfg: ModelSection, max_length: int, seed: int) -> tuple[nn.Modul
     from dpeft.quant.prepare import prepare_model_for_kbit_training
 
     compute = _DTYPES[cfg.bnb_4bit_compute_dtype] if cfg.bnb_4bit_compute_dtype else None
-    quantize_linear_layers(model, 4 if cfg.load_in_4bit else 8, quant_type=cfg.bnb_4bit_quant_type,
-                           double_quant=cfg.bnb_4bit_use_double_quant, compute_dtype=compute,
-                           skip_modules=("lm_head", "score", "classifier"))
+    quantize_linear_layers(
+        model,
+        4 if cfg.load_in_4bit else 8,
+        quant_type=cfg.bnb_4bit_quant_type,
+        double_quant=cfg.bnb_4bit_use_double_quant,
+        compute_dtype=compute,
+        skip_modules=("lm_head", "score", "classifier"),
+    )
     # Freeze and upcast half-precision norms/embeddings as QLoRA does; checkpointing is not a run option here.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), tok
 
@@ -132,8 +141,15 @@ def _build_float_model(cfg: ModelSection, max_length: int, seed: int) -> tuple[n
         from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
         tok = ByteTokenizer()
-        config = LlamaConfig(**{"vocab_size": tok.vocab_size, "max_position_embeddings": max(max_length, 64),
-                                "pad_token_id": tok.pad_id, "num_labels": cfg.num_labels, **cfg.tiny})
+        config = LlamaConfig(
+            **{
+                "vocab_size": tok.vocab_size,
+                "max_position_embeddings": max(max_length, 64),
+                "pad_token_id": tok.pad_id,
+                "num_labels": cfg.num_labels,
+                **cfg.tiny,
+            }
+        )
         cls = LlamaForSequenceClassification if cfg.task == "seq_cls" else LlamaForCausalLM
         return cls(config).to(dtype), tok
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer

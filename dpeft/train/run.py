@@ -101,8 +101,9 @@ class _Trainer:
         self.order = GlobalOrder(len(self.splits.train), cfg.train.seed)
         self.ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.output.dir, "checkpoints")
         self.start_step, self.resumed_from = 0, None
+        # Dropout masks differ per rank; a resume then restores the RNG state saved with the checkpoint.
+        torch.manual_seed(cfg.train.seed + 1 + self.rank)
         self._resume()
-        torch.manual_seed(cfg.train.seed + 1 + self.rank + 7919 * self.start_step)  # dropout differs per rank
         self.log = _MetricsLog(os.path.join(cfg.output.dir, "metrics.jsonl"), self.main, self.resumed_from is not None)
         self.unit = "samples" if cfg.model.task == "seq_cls" else "tokens"
 
@@ -128,8 +129,10 @@ class _Trainer:
         else:
             path = mode
             if not os.path.isdir(path):
-                raise ValueError(f"checkpoint.resume={path!r} is not a checkpoint directory; use auto, never or the "
-                                 "path of a step-XXXXXXXX folder")
+                raise ValueError(
+                    f"checkpoint.resume={path!r} is not a checkpoint directory; use auto, never or the "
+                    "path of a step-XXXXXXXX folder"
+                )
         from dpeft.checkpoint.dcp import load_checkpoint
 
         extra = load_checkpoint(path, self.model, self.optimizer)
@@ -141,15 +144,15 @@ class _Trainer:
         from dpeft.checkpoint.dcp import save_checkpoint
 
         extra = {"step": step, "data_position": self.order.position, "loss_scale": self.scaler.scale}
-        return save_checkpoint(self.ckpt_root, step, self.model, self.optimizer, extra,
-                               keep_last=self.cfg.checkpoint.keep_last)
+        return save_checkpoint(
+            self.ckpt_root, step, self.model, self.optimizer, extra, keep_last=self.cfg.checkpoint.keep_last
+        )
 
     # ------------------------------------------------------------------ steps
     def _micro_batches(self):
         """This rank's micro-batches of the next global batch, and the global batch's loss-term count and size."""
         tcfg = self.cfg.train
-        batch = collate([self.splits.train[i] for i in self.order.take(tcfg.global_batch_size)],
-                        self.tokenizer.pad_id)
+        batch = collate([self.splits.train[i] for i in self.order.take(tcfg.global_batch_size)], self.tokenizer.pad_id)
         count = target_count(batch, self.cfg.model.task)
         per_rank = tcfg.global_batch_size // self.world
         micro = per_rank // tcfg.grad_accum_steps
@@ -185,9 +188,19 @@ class _Trainer:
 
     def evaluate(self) -> dict[str, float]:
         t = self.cfg.train
-        return evaluate(self.model, self.splits.validation, self.cfg.model.task, list(t.eval_metrics),
-                        batch_size=t.eval_batch_size, pad_id=self.tokenizer.pad_id, device=self.info.device,
-                        autocast=self.autocast, rank=self.rank, world=self.world, all_reduce_mean=all_reduce_mean)
+        return evaluate(
+            self.model,
+            self.splits.validation,
+            self.cfg.model.task,
+            list(t.eval_metrics),
+            batch_size=t.eval_batch_size,
+            pad_id=self.tokenizer.pad_id,
+            device=self.info.device,
+            autocast=self.autocast,
+            rank=self.rank,
+            world=self.world,
+            all_reduce_mean=all_reduce_mean,
+        )
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> RunResult:
@@ -195,8 +208,13 @@ class _Trainer:
         before = self.evaluate()
         self._report("validation before training", before, self.start_step)
         losses, checkpoints, total_units, train_time = [], [], 0, 0.0
-        bar = tqdm(total=t.steps, initial=self.start_step, disable=not (self.main and t.progress_bar),
-                   desc="train", dynamic_ncols=True)
+        bar = tqdm(
+            total=t.steps,
+            initial=self.start_step,
+            disable=not (self.main and t.progress_bar),
+            desc="train",
+            dynamic_ncols=True,
+        )
         after, evaluated_at = before, self.start_step
         start = time.perf_counter()
         self.model.train()
@@ -222,11 +240,30 @@ class _Trainer:
             after = self.evaluate()
         self._report("validation after training", after, t.steps)
         adapter_dir = self._save_adapter()
-        result = RunResult(losses, self.start_step, t.steps, before, after, time.perf_counter() - start,
-                           total_units / max(train_time, 1e-9), f"{self.unit}/s", self.backend, self.world,
-                           self.resumed_from, adapter_dir, checkpoints)
-        self.log.write({"event": "end", "step": t.steps, "wall_time": result.wall_time,
-                        f"{self.unit}_per_s": result.throughput, "validation": after})
+        result = RunResult(
+            losses,
+            self.start_step,
+            t.steps,
+            before,
+            after,
+            time.perf_counter() - start,
+            total_units / max(train_time, 1e-9),
+            f"{self.unit}/s",
+            self.backend,
+            self.world,
+            self.resumed_from,
+            adapter_dir,
+            checkpoints,
+        )
+        self.log.write(
+            {
+                "event": "end",
+                "step": t.steps,
+                "wall_time": result.wall_time,
+                f"{self.unit}_per_s": result.throughput,
+                "validation": after,
+            }
+        )
         return result
 
     def _report(self, what: str, metrics: dict[str, float], step: int) -> None:

@@ -27,8 +27,9 @@ class LossScaler:
         self.growth_interval = growth_interval
         self._good_steps = 0
 
-    def unscale(self, params: list[nn.Parameter], sharded: bool, all_reduce_mean: Callable[[float], float],
-                world: int) -> bool:
+    def unscale(
+        self, params: list[nn.Parameter], sharded: bool, all_reduce_mean: Callable[[float], float], world: int
+    ) -> bool:
         """Divide gradients by the scale; returns False (and halves the scale) when any rank saw inf/nan."""
         if not self.enabled:
             return True

@@ -21,17 +21,23 @@ def validate(cfg: RunConfig) -> None:
     if t.steps < 1 or t.global_batch_size < 1 or t.grad_accum_steps < 1:
         raise ValueError("train.steps, train.global_batch_size and train.grad_accum_steps must be >= 1")
     if t.global_batch_size % t.grad_accum_steps:
-        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                         f"train.grad_accum_steps={t.grad_accum_steps}")
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+            f"train.grad_accum_steps={t.grad_accum_steps}"
+        )
     unknown = sorted(set(t.eval_metrics) - {"loss", "accuracy", "perplexity"})
     if unknown or ("accuracy" in t.eval_metrics and cfg.model.task != "seq_cls"):
         raise ValueError(f"train.eval_metrics={t.eval_metrics}: use loss, perplexity, and accuracy (seq_cls only)")
     if cfg.data.source not in PACKAGED and not os.path.isfile(cfg.data.source):
-        raise ValueError(f"data.source {cfg.data.source!r} is neither a packaged dataset {sorted(PACKAGED)} nor an "
-                         "existing local .jsonl/.csv/.txt file")
+        raise ValueError(
+            f"data.source {cfg.data.source!r} is neither a packaged dataset {sorted(PACKAGED)} nor an "
+            "existing local .jsonl/.csv/.txt file"
+        )
     if cfg.model.source not in PACKAGED_MODELS and not os.path.isfile(os.path.join(cfg.model.source, "config.json")):
-        raise ValueError(f"model.source {cfg.model.source!r} is neither a packaged model {list(PACKAGED_MODELS)} "
-                         "nor a local Hugging Face folder with a config.json")
+        raise ValueError(
+            f"model.source {cfg.model.source!r} is neither a packaged model {list(PACKAGED_MODELS)} "
+            "nor a local Hugging Face folder with a config.json"
+        )
     if not isinstance(cfg.peft.get("peft_type"), str):
         raise ValueError("peft.peft_type must name the method, e.g. LORA")
 
@@ -49,8 +55,10 @@ def build_peft_model(model: nn.Module, cfg: RunConfig, backend: str, info: DistI
     from dpeft.config import get_peft_config
 
     if cfg.train.global_batch_size % (info.world_size * cfg.train.grad_accum_steps):
-        raise ValueError(f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of world size "
-                         f"({info.world_size}) x train.grad_accum_steps ({cfg.train.grad_accum_steps})")
+        raise ValueError(
+            f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of world size "
+            f"({info.world_size}) x train.grad_accum_steps ({cfg.train.grad_accum_steps})"
+        )
     peft = dict(cfg.peft)
     peft.setdefault("task_type", _TASK_TYPES[cfg.model.task])
     torch.manual_seed(cfg.train.seed)

@@ -65,14 +65,17 @@ class LNTuningLayer(MethodLayer):
     def unmerge_weight(self, weight: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._base_values is None:
             raise RuntimeError(f"{self.module_name}: LN-tuning adapter was not merged by this process; cannot unmerge")
-        return self._base_values["weight"].to(weight.dtype)
+        restored = self._base_values.pop("weight").to(weight.dtype)
+        if not self._base_values:
+            self._base_values = None
+        return restored
 
     def merged_bias(self, bias: torch.Tensor | None, p: dict[str, torch.Tensor], sign: int) -> torch.Tensor | None:
         if bias is None:
             return None
         if sign > 0:
             return p["bias"].detach().to(bias.dtype)
-        restored = self._base_values["bias"].to(bias.dtype)
+        restored = self._base_values.pop("bias").to(bias.dtype)  # unmerge_weight already took the weight
         self._base_values = None
         return restored
 

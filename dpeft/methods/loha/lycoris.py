@@ -79,8 +79,10 @@ class LycorisLayer(MethodLayer):
     def forward(
         self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
     ) -> torch.Tensor:
-        if training and self.module_dropout and not bool(torch.rand(1) > self.module_dropout):
-            return result  # module dropout: this adapter skips the whole step
+        # Module dropout skips the adapter for a step. The draw happens in every training step, even at p=0, as in
+        # PEFT: the global RNG then advances alike, so seeded runs (and any dropout after this layer) match PEFT's.
+        if training and not bool(torch.rand(1) > self.module_dropout):
+            return result
         delta = self.delta_weight(p, rank_dropout=training and bool(self.rank_dropout))
         if self.kind == "linear":
             return result + F.linear(x, delta)

@@ -80,5 +80,19 @@ class DoraLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_b = g2.t().mm(hidden).mul_(row_gain * s)
         if ctx.needs_input_grad[5]:
-            grad_gain = (g2 * t).sum(0)
+            grad_gain = _column_dots(g2, t)
         return grad_x, None, None, grad_a, grad_b, grad_gain, None
+
+
+def _column_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 128) -> torch.Tensor:
+    """``(a * b).sum(0)`` in blocks of rows: no activation-sized temporary (a fresh one costs page faults on CPU)."""
+    n = a.shape[0]
+    if n <= rows:
+        return (a * b).sum(0)
+    out = torch.zeros(a.shape[1], dtype=a.dtype, device=a.device)
+    block = torch.empty(rows, a.shape[1], dtype=a.dtype, device=a.device)
+    for start in range(0, n, rows):
+        part = block[: min(rows, n - start)]
+        torch.mul(a[start : start + rows], b[start : start + rows], out=part)
+        out.add_(part.sum(0))
+    return out
