@@ -204,19 +204,27 @@ TARGETS = {
 }
 
 
-def ratios(train: dict[str, float], load: dict[str, float], save: dict[str, float]) -> dict[str, float]:
-    """The ratios the targets are stated in."""
+# name -> (part, numerator, denominator)
+RATIOS = {
+    "lora_step_dpeft_over_peft": ("train", "dpeft_lora", "peft_lora"),
+    "lora_step_over_base_dpeft": ("train", "dpeft_lora", "base"),
+    "lora_step_over_base_peft": ("train", "peft_lora", "base"),
+    "dora_step_dpeft_over_peft": ("train", "dpeft_dora", "peft_dora"),
+    "dora_over_lora_dpeft": ("train", "dpeft_dora", "dpeft_lora"),
+    "dora_over_lora_peft": ("train", "peft_dora", "peft_lora"),
+    "load_over_raw_dpeft": ("load", "dpeft", "raw"),
+    "load_over_raw_peft": ("load", "peft", "raw"),
+    "save_over_raw_dpeft": ("save", "dpeft", "raw"),
+    "save_over_raw_peft": ("save", "peft", "raw"),
+}
+
+
+def ratios(samples: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    """Each target ratio as the median of per-round ratios: both sides of a pair ran in the same round, under the
+    same background load, so pairing removes most of the drift that separate medians keep."""
     return {
-        "lora_step_dpeft_over_peft": train["dpeft_lora"] / train["peft_lora"],
-        "lora_step_over_base_dpeft": train["dpeft_lora"] / train["base"],
-        "lora_step_over_base_peft": train["peft_lora"] / train["base"],
-        "dora_step_dpeft_over_peft": train["dpeft_dora"] / train["peft_dora"],
-        "dora_over_lora_dpeft": train["dpeft_dora"] / train["dpeft_lora"],
-        "dora_over_lora_peft": train["peft_dora"] / train["peft_lora"],
-        "load_over_raw_dpeft": load["dpeft"] / load["raw"],
-        "load_over_raw_peft": load["peft"] / load["raw"],
-        "save_over_raw_dpeft": save["dpeft"] / save["raw"],
-        "save_over_raw_peft": save["peft"] / save["raw"],
+        name: statistics.median(a / b for a, b in zip(samples[part][num], samples[part][den]))
+        for name, (part, num, den) in RATIOS.items()
     }
 
 
@@ -316,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         "samples": samples,
     }
     if train and load:
-        result["ratios"] = ratios(train, load, save)
+        result["ratios"] = ratios(samples)
         result["targets"] = TARGETS
         print(table(train, load, save, result["ratios"]))
     else:

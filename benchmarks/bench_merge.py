@@ -36,6 +36,11 @@ def rss_mb() -> float:
     return 0.0
 
 
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -120,10 +125,12 @@ def worker(base: str, adapter: str, out: str) -> None:
     startup = time.perf_counter() - start
     before = rss_mb()
     barrier()
+    cpu0 = cpu_seconds()
     start = time.perf_counter()
     report = merge_checkpoint(base, [adapter], out, shard_size=SHARD, progress=False)
     barrier()
     seconds = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu0
     print(
         json.dumps(
             {
@@ -133,6 +140,7 @@ def worker(base: str, adapter: str, out: str) -> None:
                 "peak_mb": peak_rss_mb(),
                 "rank_bytes": report.rank_bytes,
                 "startup": startup,
+                "cpu": cpu,
             }
         ),
         flush=True,
@@ -243,6 +251,9 @@ def main() -> None:
         f"\npeak RSS above the pre-merge RSS, per rank (bound: 1.2 x (largest output shard {shard_mb:.0f} MB + "
         f"adapter {adapter_mb:.1f} MB) = {bound:.0f} MB)"
     )
+    for world, rows in peaks.items():
+        cpu = statistics.median(max(r["cpu"] for r in rows[i : i + world]) for i in range(0, len(rows), world))
+        print(f"CPU seconds (user + sys) of the busiest rank, {world} rank(s): {cpu:.2f}")
     startup = statistics.median(r["startup"] for rows in peaks.values() for r in rows)
     print(f"(not in the merge times: {startup:.1f} s per rank to import transformers and the model class)")
     for world, rows in peaks.items():

@@ -2,7 +2,7 @@
 
 Run: python benchmarks/bench_methods.py [--steps 20] [--methods ia3,loha,lokr,fourierft,ln_tuning]
 Prints per method the median seconds per step for both libraries and the ratio dpeft / PEFT (lower is better).
-The model is a small llama (4 layers, hidden 256) built from a config, batch 4 x 128 tokens, float32 on CPU.
+The model is a small llama (2 layers, hidden 128) built from a config, batch 4 x 64 tokens, float32 on CPU.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def _model():
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=1000,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=4,
         max_position_embeddings=256,
@@ -79,7 +79,7 @@ def main() -> None:
 
     import dpeft
 
-    ids = torch.randint(0, 1000, (4, 128), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 1000, (4, 64), generator=torch.Generator().manual_seed(1))
     print(f"{'method':10} {'mode':6} {'dpeft s':>9} {'peft s':>9} {'ratio':>6}")
     for name in args.methods.split(","):
         for train in (True, False):

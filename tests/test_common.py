@@ -190,3 +190,18 @@ def test_add_adapter_after_deleting_all():
     model.set_adapter("again")
     assert model.active_adapter == "again"
     assert_differs(out(model, kw), ref)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trainable_after_add_and_set_adapter_match_peft(bias):
+    """Adding an adapter keeps the biases the active adapter trains trainable, as in HF PEFT."""
+    import peft
+
+    models = {}
+    for lib in (dpeft, peft):
+        model = lib.get_peft_model(build("mlp")[0], lib.LoraConfig(target_modules=["lin0"], bias=bias))
+        model.add_adapter("other", lib.LoraConfig(target_modules=["lin1"]))
+        models[lib.__name__] = [sorted(n for n, p in model.named_parameters() if p.requires_grad)]
+        model.set_adapter("other")
+        models[lib.__name__].append(sorted(n for n, p in model.named_parameters() if p.requires_grad))
+    assert models["dpeft"] == models["peft"]

@@ -6,13 +6,12 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -181,8 +180,10 @@ def test_reshard_w2_to_w1_and_export(saved_w2, tmp_path):
     out = str(tmp_path / "exported")
     cli_main(["export", root, out])  # the root resolves to its newest complete step
     _check_hf_peft_outputs(out, ref["at_save"]["adapter"])
-    export_checkpoint(ref["path"], out)  # the library call, over the same directory
-    _check_hf_peft_outputs(out, ref["at_save"]["adapter"])
+    out2 = str(tmp_path / "exported-lib")
+    export_checkpoint(ref["path"], out2)  # the library call on the step directory writes the same files
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert open(os.path.join(out, name), "rb").read() == open(os.path.join(out2, name), "rb").read(), name
 
 
 @pytest.mark.slow  # ~60 s more on 2 shared cores: four more ranks start
@@ -251,37 +252,38 @@ def test_bad_checkpoints_are_clear_errors_and_change_nothing(tmp_path):
     assert sorted(os.listdir(root)) == ["step-00000003", "step-00000004"]
 
 
-_KILLED_SAVE = textwrap.dedent("""
-    import os, sys, time
-    sys.path.insert(0, {tests!r})
-    import test_dcp
+def _killed_save(root: str, marker: str) -> None:
+    """Save step 1, then stall a save of step 2 after its shards are written (the parent SIGKILLs us there)."""
     from dpeft.checkpoint import dcp
-    model, opt = test_dcp._setup()
-    test_dcp._steps(model, opt, 0, 1)
-    dcp.save_checkpoint({root!r}, 1, model, opt, {{"step": 1}})
-    test_dcp._steps(model, opt, 1, 1)
-    def stall(directory, manifest):  # shards are written; the manifest and the rename are not
-        open({marker!r}, "w").close()
+
+    model, opt = _setup()
+    _steps(model, opt, 0, 1)
+    dcp.save_checkpoint(root, 1, model, opt, {"step": 1})
+    _steps(model, opt, 1, 1)
+
+    def stall(directory, manifest):  # the manifest and the rename never happen
+        open(marker, "w").close()
         time.sleep(120)
+
     dcp.write_manifest = stall
-    dcp.save_checkpoint({root!r}, 2, model, opt, {{"step": 2}})
-""")
+    dcp.save_checkpoint(root, 2, model, opt, {"step": 2})
 
 
 def test_sigkill_mid_save_leaves_previous_checkpoint(tmp_path):
     root, marker = str(tmp_path / "ckpt"), str(tmp_path / "marker")
-    script = _KILLED_SAVE.format(tests=os.path.dirname(__file__), root=root, marker=marker)
-    proc = subprocess.Popen([sys.executable, "-c", script])
+    # spawn, not fork: a fork after torch ran its thread pools here can hang in the child
+    proc = mp.get_context("spawn").Process(target=_killed_save, args=(root, marker))
+    proc.start()
     try:
         deadline = time.time() + 120
         while not os.path.exists(marker):
-            assert proc.poll() is None, "the saving process died before reaching the stall"
+            assert proc.is_alive(), "the saving process died before reaching the stall"
             assert time.time() < deadline, "timed out waiting for the save to start"
             time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
     finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+        proc.kill()  # SIGKILL, also when a check above failed
+        proc.join()
+    assert proc.exitcode == -signal.SIGKILL
     assert os.path.isdir(os.path.join(root, ".tmp-step-00000002"))  # the half-written save is there...
     assert latest_checkpoint(root) == os.path.join(root, "step-00000001")  # ...and never picked
     model, opt = _setup()

@@ -272,3 +272,39 @@ def test_set_state_dict_bad_keys_changes_nothing(two_adapters):
     with pytest.raises(ValueError, match=r"lin0\.lora_A\.weight: checkpoint shape \(3, 3\)"):
         dpeft.set_peft_model_state_dict(model, bad)
     assert_close(out(model, kw), expected, atol=0)
+
+
+# ------------------------------------------------------------------------------------------- unmergeable layers
+class _Single(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def test_grouped_conv_trains_but_does_not_merge():
+    torch.manual_seed(0)
+    model = dpeft.get_peft_model(
+        _Single(torch.nn.Conv2d(4, 8, 3, groups=2)), dpeft.LoraConfig(target_modules=["layer"], r=4)
+    )
+    x = torch.randn(2, 4, 6, 6)
+    expected = model(x)
+    with pytest.raises(ValueError, match="'default' on layer cannot be merged"):
+        model.merge_adapter()
+    assert_close(model(x), expected, atol=0)
+    with pytest.raises(ValueError, match="rank 3 must be divisible by the conv's groups=2"):
+        dpeft.get_peft_model(
+            _Single(torch.nn.Conv2d(4, 8, 3, groups=2)), dpeft.LoraConfig(target_modules=["layer"], r=3)
+        )
+
+
+def test_lora_bias_without_base_bias_cannot_merge():
+    model = dpeft.get_peft_model(
+        _Single(torch.nn.Linear(5, 6, bias=False)), dpeft.LoraConfig(target_modules=["layer"], lora_bias=True)
+    )
+    weight = model.base_model.model.layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="no bias"):
+        model.merge_adapter()
+    assert torch.equal(model.base_model.model.layer.base_layer.weight, weight), "a failed merge must not change W"

@@ -69,6 +69,7 @@ class _Job:
     shards: list[list[OutTensor]]
     names: list[str]
     safe_merge: bool
+    rss_start: int = 0  # this process's RSS before it writes anything (to bound what it keeps)
 
 
 @dataclass
@@ -175,6 +176,7 @@ def _write_and_publish(job: _Job, overwrite: bool, progress: bool) -> int:
         The bytes this rank wrote.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
+    job.rss_start = _rss_bytes()
     tmp = f"{os.path.normpath(job.out_dir)}.tmp-{dist.broadcast_object(uuid.uuid4().hex[:12])}"
     mine = assign_shards([sum(t.nbytes for t in s) for s in job.shards], world)[rank]
     error: BaseException | None = None
@@ -248,7 +250,7 @@ def _write_shard(job: _Job, path: str, tensors: list[OutTensor], bar) -> None:
                     raise ValueError(f"merging gives NaN or inf in {t.name}; the adapter seems to be broken")
                 writer.write(t.name, merged)
                 del merged
-                _release_memory()
+                _release_memory(job.rss_start, t.nbytes)
             else:
                 writer.copy_raw(t.name, job.base.infos[t.name])
             bar.update(1)
@@ -258,10 +260,19 @@ def _write_shard(job: _Job, path: str, tensors: list[OutTensor], bar) -> None:
         raise
 
 
-def _release_memory() -> None:
-    """Give freed heap memory back to the OS after each merged tensor: glibc otherwise keeps it, and the peak RSS
-    grows with fragmentation instead of staying at one tensor's working set."""
-    if _LIBC is not None:
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _release_memory(rss_start: int, nbytes: int) -> None:
+    """Give freed heap memory back to the OS once the process has grown by more than a few tensors' worth: glibc
+    otherwise keeps it and the peak RSS grows with fragmentation. Not after every tensor: memory handed back is
+    page-faulted in again by the next tensor, which made the merge twice as slow."""
+    if _LIBC is not None and _rss_bytes() > rss_start + max(64 << 20, 4 * nbytes):
         _LIBC.malloc_trim(0)
 
 

@@ -293,13 +293,12 @@ def run_steps(
     sources: list[AdapterSource],
     weights: list[float],
     compute: torch.dtype | None,
-    meta: bool = False,
 ) -> torch.Tensor:
     """The merged value of one base tensor, in its own dtype."""
     out_dtype = tensor.dtype
     current = tensor if compute is None else tensor.to(compute)
     for step in steps:
-        new = apply_step(step, current, sources[step.adapter], compute, meta)
+        new = apply_step(step, current, sources[step.adapter], compute)
         if new is current:
             continue
         w = weights[step.adapter]

@@ -60,7 +60,7 @@ def add_parser(subparsers) -> None:
         "--adapter",
         required=True,
         action="append",
-        help="PEFT-format adapter folder; repeat to merge several, in order.",
+        help="PEFT-format adapter folder or dpeft distributed-checkpoint step; repeat to merge several, in order.",
     )
     parser.add_argument(
         "--weights",

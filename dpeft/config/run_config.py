@@ -92,9 +92,8 @@ class StoreSection:
 
     backend: Literal["auto", "local", "sharded"] = _f(
         "auto",
-        "'local' (plain parameters, gradients all-reduced "
-        "when distributed), 'sharded' (ZeRO-3 style over ranks) or "
-        "'auto' (local in one process, sharded under torchrun).",
+        "'local' (plain parameters, gradients all-reduced when distributed), 'sharded' (ZeRO-3 style over "
+        "ranks) or 'auto' (sharded under torchrun); one process always runs 'local'.",
     )
 
 

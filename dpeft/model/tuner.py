@@ -175,15 +175,22 @@ class AdapterModel(nn.Module):
             param.requires_grad_(False)
         for name in self.peft_config:
             self.store.set_requires_grad(name, name in self.active_adapters and not self.peft_config[name].inference_mode)
-        bias = getattr(config, "bias", "none")
-        if config.inference_mode or bias == "none":
+        # As in PEFT, the bias setting of every active adapter applies (adding an adapter must not freeze the
+        # biases the active one trains).
+        for active in self.active_adapters:
+            active_config = self.peft_config.get(active)
+            if active_config is not None and not active_config.inference_mode:
+                self._mark_biases_trainable(getattr(active_config, "bias", "none"), active)
+
+    def _mark_biases_trainable(self, bias: str, adapter_name: str) -> None:
+        if bias == "none":
             return
         for name, param in self.model.named_parameters():
             if bias == "all" and name.endswith("bias") and "modules_to_save" not in name:
                 param.requires_grad_(True)
-        if bias.endswith("_only"):  # "<method>_only": the biases of the adapted layers train
+        if bias.endswith("_only"):  # "<method>_only": the biases of the layers this adapter adapts train
             for _, layer in self.adapted_layers():
-                if layer.handler.bias is not None:
+                if adapter_name in layer.methods and layer.handler.bias is not None:
                     layer.handler.bias.requires_grad_(True)
 
     # ------------------------------------------------------------------ management

@@ -168,7 +168,10 @@ class ShardedBackend:
     def _link_buckets(self) -> None:
         """Chain each adapter's buckets in block order so a gather can prefetch the next one."""
         by_adapter: dict[str, list[Bucket]] = {}
-        for key in sorted(self.buckets, key=lambda k: (k[0], k[1], str(k[2]), str(k[3]))):
+        # Modules outside the blocks (block -1: heads, embeddings) go last, so the last gather of a forward does
+        # not prefetch the first block of the next forward, which an optimizer step would make stale.
+        order = lambda k: (k[0], k[1] if k[1] >= 0 else math.inf, str(k[2]), str(k[3]))  # noqa: E731
+        for key in sorted(self.buckets, key=order):
             by_adapter.setdefault(key[0], []).append(self.buckets[key])
         for chain in by_adapter.values():
             for a, b in zip(chain, chain[1:] + [None]):

@@ -43,10 +43,11 @@ def validate(cfg: RunConfig) -> None:
 
 
 def resolve_backend(backend: str, world_size: int) -> str:
-    """'auto' is 'local' in one process and 'sharded' in a distributed job."""
-    if backend == "auto":
-        return "sharded" if world_size > 1 else "local"
-    return backend
+    """'auto' is 'local' in one process and 'sharded' in a distributed job; one process is always 'local'
+    (sharding over one rank would only add copies)."""
+    if world_size == 1:
+        return "local"
+    return "sharded" if backend == "auto" else backend
 
 
 def build_peft_model(model: nn.Module, cfg: RunConfig, backend: str, info: DistInfo) -> nn.Module:

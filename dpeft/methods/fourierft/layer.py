@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dpeft.methods.base import MethodLayer
 from dpeft.methods.fourierft.config import FourierFTConfig
@@ -51,6 +52,13 @@ class FourierFTLayer(MethodLayer):
         dense = torch.zeros(self.out_features, self.in_features, device=spectrum.device)
         dense = dense.index_put((rows, cols), spectrum.float())
         return (torch.fft.ifft2(dense).real * self.scaling).to(spectrum.dtype)
+
+    def fused_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:
+        """One GEMM with W + delta W instead of two (the dense delta weight is built anyway)."""
+        w = self.handler.weight_param
+        if type(self.handler.layer) is not nn.Linear or not (x.dtype == w.dtype == p["spectrum"].dtype):
+            return None  # Conv1D, quantized or mixed-precision bases take the general path
+        return F.linear(x, w + self.delta_weight(p), self.handler.layer.bias)
 
     def forward(
         self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool

@@ -8,6 +8,7 @@ into the base layer (and unmerging restores the base values kept at merge time),
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -55,7 +56,19 @@ class LNTuningLayer(MethodLayer):
         self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
     ) -> torch.Tensor:
         # The copy replaces the base layer: its output is the layer's output (the base result is not used).
-        return functional_call(self.handler.layer, {n: p[n] for n in self.names}, (x,))
+        return self._norm(x, p)
+
+    def fused_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:
+        """The copy's output alone: the base norm, whose result `forward` would drop, is not computed at all."""
+        if x.dtype != p["weight"].dtype:
+            return None  # mixed precision: the general path casts
+        return self._norm(x, p)
+
+    def _norm(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
+        layer = self.handler.layer
+        if type(layer) is nn.LayerNorm:  # direct call: functional_call's parameter swap costs more than the norm
+            return F.layer_norm(x, layer.normalized_shape, p["weight"], p.get("bias"), layer.eps)
+        return functional_call(layer, {n: p[n] for n in self.names}, (x,))
 
     def merge_weight(self, weight: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         layer = self.handler.layer

@@ -2,7 +2,9 @@
 and a forward that applies the delta weight with the base layer's own linear or convolution.
 
 Both methods build a full delta weight per forward (as PEFT does): their factors are not low-rank products a
-two-GEMM path could use, and on the layer sizes they are used for the delta is cheap next to the base GEMM.
+two-GEMM path could use. Since the delta is a full matrix anyway, the fused path (the only active adapter on a
+plain float layer) runs ONE linear/convolution with W + delta W, where PEFT runs the base layer and then a
+second full GEMM with delta W.
 """
 
 from __future__ import annotations
@@ -76,6 +78,25 @@ class LycorisLayer(MethodLayer):
             weight = weight * drop
         return weight
 
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.kind == "linear":
+            return F.linear(x, weight, bias)
+        layer = self.handler.layer
+        return self.handler.conv_fn(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+    def fused_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:
+        """One GEMM / convolution with W + delta W instead of two (the delta weight is built anyway)."""
+        layer, w = self.handler.layer, self.handler.weight_param
+        first = next(iter(p.values()))
+        if type(layer) not in (nn.Linear, nn.Conv1d, nn.Conv2d) or not (x.dtype == w.dtype == first.dtype):
+            return None  # quantized or mixed-precision bases take the general path
+        if getattr(layer, "padding_mode", "zeros") != "zeros":
+            return None
+        if training and not bool(torch.rand(1) > self.module_dropout):  # same draw as `forward`
+            return self._apply_weight(x, w, layer.bias)
+        delta = self.delta_weight(p, rank_dropout=training and bool(self.rank_dropout))
+        return self._apply_weight(x, w + delta, layer.bias)
+
     def forward(
         self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
     ) -> torch.Tensor:
@@ -84,8 +105,4 @@ class LycorisLayer(MethodLayer):
         if training and not bool(torch.rand(1) > self.module_dropout):
             return result
         delta = self.delta_weight(p, rank_dropout=training and bool(self.rank_dropout))
-        if self.kind == "linear":
-            return result + F.linear(x, delta)
-        layer = self.handler.layer
-        out = self.handler.conv_fn(x, delta, None, layer.stride, layer.padding, layer.dilation, layer.groups)
-        return result + out
+        return result + self._apply_weight(x, delta, None)

@@ -33,7 +33,9 @@ class DoraLayer(LoraLayer):
             shape = (out,)
         # The magnitude starts at the norm of the initial adapted weight, which needs A and B: `initial_magnitude`
         # fills it once the store has allocated them.
-        self.specs.append(ParamSpec("magnitude", shape, ("lora_magnitude_vector", ADAPTER, "weight"), saved="lora_magnitude_vector"))
+        self.specs.append(
+            ParamSpec("magnitude", shape, ("lora_magnitude_vector", ADAPTER, "weight"), saved="lora_magnitude_vector")
+        )
         self._row_norm2: tuple[tuple[int, int], torch.Tensor] | None = None
         self._merged_norm: torch.Tensor | None = None
 
@@ -76,7 +78,9 @@ class DoraLayer(LoraLayer):
         return mag / self.weight_norm(p).to(mag.dtype).view_as(mag)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
+    ) -> torch.Tensor:
         g = self._gain(p, result.dtype)
         if self.kind == "embedding":
             return g * self.lora_delta(x, p, result)

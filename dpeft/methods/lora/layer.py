@@ -44,6 +44,11 @@ class LoraLayer(MethodLayer):
         self.dropout = config.lora_dropout
         self.kind = handler.kind
         self.lora_bias = config.lora_bias and self.kind != "embedding"
+        groups = getattr(handler.layer, "groups", 1) if self.kind.startswith("conv") else 1
+        if groups > 1:
+            if self.r % groups:
+                raise ValueError(f"{module_name}: rank {self.r} must be divisible by the conv's groups={groups}")
+            self.can_merge = False  # B A is not a grouped kernel; PEFT does not merge these either
         self.specs = self._lora_specs(config.init_lora_weights)
 
     # ------------------------------------------------------------------ declaration
@@ -83,9 +88,16 @@ class LoraLayer(MethodLayer):
         A, B = p["lora_A"], p["lora_B"]
         if self.kind == "linear":
             hidden = F.linear(x, A)
-            if result is not None and "lora_B_bias" not in p and result.dtype == hidden.dtype and result.is_contiguous():
+            if (
+                result is not None
+                and "lora_B_bias" not in p
+                and result.dtype == hidden.dtype
+                and result.is_contiguous()
+            ):
                 # One GEMM that also accumulates into the base output: no separate delta tensor or add pass.
-                flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, self.r), B.t(), alpha=self.scaling)
+                flat = torch.addmm(
+                    result.reshape(-1, result.shape[-1]), hidden.reshape(-1, self.r), B.t(), alpha=self.scaling
+                )
                 return flat.view(result.shape)
             delta = F.linear(hidden, B, p.get("lora_B_bias")) * self.scaling
         elif self.kind == "embedding":
@@ -100,7 +112,9 @@ class LoraLayer(MethodLayer):
             delta = conv(hidden, B, p.get("lora_B_bias"), 1, 0, 1, layer.groups) * self.scaling
         return delta if result is None else result + delta
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
+    ) -> torch.Tensor:
         if self.dropout and training and self.kind != "embedding":
             x = F.dropout(x, self.dropout, training=True)
         return self.lora_delta(x, p, result)
