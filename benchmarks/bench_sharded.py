@@ -32,9 +32,15 @@ def build_base(hidden: int, layers: int, inter: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                      max_position_embeddings=SEQ)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=SEQ,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -85,8 +91,9 @@ def _step(model, optimizer, ids) -> float:
 
 
 def _rank_main(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(args.threads)
     from dpeft.dist import barrier, destroy_distributed, init_distributed
     from dpeft.store.sharded import adapter_state_bytes
@@ -144,23 +151,33 @@ def summarize(per_rank: dict) -> dict:
     out = {}
     for size in per_rank[0]:
         # a step ends when the slower rank ends it
-        med = {k: statistics.median(max(vals) for vals in zip(*(per_rank[r][size]["times"][k] for r in per_rank)))
-               for k in per_rank[0][size]["times"]}
+        med = {
+            k: statistics.median(max(vals) for vals in zip(*(per_rank[r][size]["times"][k] for r in per_rank)))
+            for k in per_rank[0][size]["times"]
+        }
         ours_b = max(per_rank[r][size]["bytes"]["dpeft-sharded"] for r in per_rank)
         theirs_b = max(per_rank[r][size]["bytes"]["peft-ddp"] for r in per_rank)
-        out[size] = {"median_step_s": med, "ratio": med["dpeft-sharded"] / med["peft-ddp"],
-                     "bytes_per_rank": {"dpeft-sharded": ours_b, "peft-ddp": theirs_b},
-                     "dpeft_predicted_bytes": per_rank[0][size]["predicted"]}
+        out[size] = {
+            "median_step_s": med,
+            "ratio": med["dpeft-sharded"] / med["peft-ddp"],
+            "bytes_per_rank": {"dpeft-sharded": ours_b, "peft-ddp": theirs_b},
+            "dpeft_predicted_bytes": per_rank[0][size]["predicted"],
+        }
     return out
 
 
 def table(summary: dict) -> str:
-    lines = ["| model | dpeft sharded W=2 step (s) | PEFT+DDP W=2 step (s) | ratio | bytes/rank dpeft W=2 | "
-             "bytes/rank PEFT+DDP | dpeft W=1 / W=2 / W=4 (layout) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | dpeft sharded W=2 step (s) | PEFT+DDP W=2 step (s) | ratio | bytes/rank dpeft W=2 | "
+        "bytes/rank PEFT+DDP | dpeft W=1 / W=2 / W=4 (layout) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for size, s in summary.items():
         m, b, p = s["median_step_s"], s["bytes_per_rank"], s["dpeft_predicted_bytes"]
-        lines.append(f"| {size} | {m['dpeft-sharded']:.3f} | {m['peft-ddp']:.3f} | {s['ratio']:.3f}x | "
-                     f"{b['dpeft-sharded']:,} | {b['peft-ddp']:,} | {p['1']:,} / {p['2']:,} / {p['4']:,} |")
+        lines.append(
+            f"| {size} | {m['dpeft-sharded']:.3f} | {m['peft-ddp']:.3f} | {s['ratio']:.3f}x | "
+            f"{b['dpeft-sharded']:,} | {b['peft-ddp']:,} | {p['1']:,} / {p['2']:,} / {p['4']:,} |"
+        )
     return "\n".join(lines)
 
 

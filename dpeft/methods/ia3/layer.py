@@ -47,6 +47,15 @@ class IA3Layer(MethodLayer):
     def transform_input(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         return x * self._vector(p)
 
+    def fused_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:
+        """Base call and scaling in one step, without the wrapper's general per-adapter loop."""
+        l = p["ia3_l"]  # noqa: E741
+        if x.dtype != l.dtype:
+            return None  # mixed precision: the general path casts
+        if self.is_feedforward:
+            return self.handler.layer(x * self._vector(p))
+        return self.handler.layer(x) * self._vector(p)
+
     def forward(
         self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
     ) -> torch.Tensor:

@@ -40,7 +40,9 @@ class LoraConfig(TargetConfigMixin, PeftConfig):
     r: int = field(default=8, metadata={"help": "LoRA rank."})
     target_modules: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Module names (suffix match), a regex (full match), or 'all-linear'; None: per-model default."},
+        metadata={
+            "help": "Module names (suffix match), a regex (full match), or 'all-linear'; None: per-model default."
+        },
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules never adapted."})
     lora_alpha: int = field(default=8, metadata={"help": "Scaling numerator: scaling = lora_alpha / r."})
@@ -68,14 +70,19 @@ class LoraConfig(TargetConfigMixin, PeftConfig):
             raise ValueError(f"bias={self.bias!r} is not valid; use 'none', 'all' or 'lora_only'")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(
-                f"init_lora_weights={self.init_lora_weights!r} is not implemented in dpeft; use True, False or 'gaussian'"
+                f"init_lora_weights={self.init_lora_weights!r} is not implemented in dpeft; "
+                "use True, False or 'gaussian'"
             )
         if self.r <= 0:
             raise ValueError(f"r must be a positive integer, got {self.r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
-        turned_on = {k: data[k] for k in _UNIMPLEMENTED_DEFAULTS if k in data and data[k] not in (_UNIMPLEMENTED_DEFAULTS[k], None, {}, False)}
+        turned_on = {
+            k: data[k]
+            for k in _UNIMPLEMENTED_DEFAULTS
+            if k in data and data[k] not in (_UNIMPLEMENTED_DEFAULTS[k], None, {}, False)
+        }
         if turned_on:
             raise ValueError(
                 f"this LoRA config uses PEFT features dpeft does not implement: {turned_on}; "
