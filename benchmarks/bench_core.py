@@ -314,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "machine": {
             "threads": args.threads,
+            "clock": args.clock,
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "torch": torch.__version__,

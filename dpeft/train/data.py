@@ -49,7 +49,7 @@ def package_dir(module: str) -> str:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         hint = next((v for v in PACKAGED.values() if v.startswith(module)), module)
-        raise ValueError(f"package {module!r} is not installed; install {hint} (or `pip install dpeft[examples]`)")
+        raise ValueError(f"package {module!r} is not installed; install {hint}")
     return spec.submodule_search_locations[0]
 
 
