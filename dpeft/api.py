@@ -24,17 +24,26 @@ def get_peft_model(
     The config is copied, so one config object can serve several models.
     """
     if mixed:
-        raise ValueError("mixed=True (PeftMixedModel) is not available in dpeft; any PeftModel can hold adapters "
-                         "of different methods through add_adapter")
+        raise ValueError(
+            "mixed=True (PeftMixedModel) is not available in dpeft; any PeftModel can hold adapters "
+            "of different methods through add_adapter"
+        )
     peft_config = copy.deepcopy(peft_config)
-    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
+        model, "name_or_path", None
+    )
     if peft_config.base_model_name_or_path is None and name_or_path:
         peft_config.base_model_name_or_path = name_or_path
     if revision is not None:
         peft_config.revision = revision
     model_cls = task_model_class(peft_config.task_type)
-    return model_cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                     low_cpu_mem_usage=low_cpu_mem_usage)
+    return model_cls(
+        model,
+        peft_config,
+        adapter_name,
+        autocast_adapter_dtype=autocast_adapter_dtype,
+        low_cpu_mem_usage=low_cpu_mem_usage,
+    )
 
 
 def inject_adapter_in_model(

@@ -38,7 +38,11 @@ CASES: list[Case] = [
     Case("lora-bias-lora-only", "mlp", lora(target_modules=["lin0"], bias="lora_only")),
     Case("lora-lora-bias", "mlp", lora(target_modules=["lin0", "lin1"], lora_bias=True)),
     Case("lora-modules-to-save", "mlp", lora(target_modules=["lin0"], modules_to_save=["lin2"])),
-    Case("lora-patterns", "mlp", lora(target_modules=["lin0", "lin1"], rank_pattern={"lin1": 2}, alpha_pattern={"lin0": 32})),
+    Case(
+        "lora-patterns",
+        "mlp",
+        lora(target_modules=["lin0", "lin1"], rank_pattern={"lin1": 2}, alpha_pattern={"lin0": 32}),
+    ),
     Case("lora-embedding", "emb_conv1d", lora(target_modules=["emb"])),
     Case("lora-conv1d-transformers", "emb_conv1d", lora(target_modules=["conv1d"])),
     Case("lora-conv1d", "conv1d", lora(target_modules=["conv1d"])),
@@ -72,8 +76,11 @@ CASES += [
     Case("ia3-conv1d-transformers-ff", "emb_conv1d", ia3(target_modules=["conv1d"], feedforward_modules=["conv1d"])),
     Case("ia3-conv2d", "conv2d", ia3(target_modules=["conv2d", "conv2d_1x1"], feedforward_modules=["conv2d_1x1"])),
     Case("ia3-llama-default-targets", "llama", ia3(task_type="CAUSAL_LM")),
-    Case("ia3-gpt2", "gpt2", ia3(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"],
-                                 task_type="CAUSAL_LM")),
+    Case(
+        "ia3-gpt2",
+        "gpt2",
+        ia3(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], task_type="CAUSAL_LM"),
+    ),
 ]
 
 
@@ -89,8 +96,11 @@ def lokr(**kw) -> Callable[[], dpeft.PeftConfig]:
 
 CASES += [
     Case("loha-linear", "mlp", loha(target_modules=["lin0", "lin1"])),
-    Case("loha-patterns", "mlp", loha(target_modules=["lin0", "lin1"], r=4, rank_pattern={"lin1": 2},
-                                      alpha_pattern={"lin0": 16})),
+    Case(
+        "loha-patterns",
+        "mlp",
+        loha(target_modules=["lin0", "lin1"], r=4, rank_pattern={"lin1": 2}, alpha_pattern={"lin0": 16}),
+    ),
     Case("loha-modules-to-save", "mlp", loha(target_modules=["lin0"], modules_to_save=["lin2"])),
     Case("loha-conv1d", "conv1d", loha(target_modules=["conv1d"])),
     Case("loha-conv1d-effective", "conv1d", loha(target_modules=["conv1d"], use_effective_conv2d=True)),
@@ -100,13 +110,19 @@ CASES += [
     Case("lokr-linear", "mlp", lokr(target_modules=["lin0", "lin1"])),
     Case("lokr-decompose-both", "mlp", lokr(target_modules=["lin0", "lin1"], r=2, decompose_both=True)),
     Case("lokr-decompose-factor", "mlp", lokr(target_modules=["lin0", "lin1"], r=1, decompose_factor=2)),
-    Case("lokr-patterns", "mlp", lokr(target_modules=["lin0", "lin1"], rank_pattern={"lin1": 1},
-                                      alpha_pattern={"lin0": 16})),
+    Case(
+        "lokr-patterns",
+        "mlp",
+        lokr(target_modules=["lin0", "lin1"], rank_pattern={"lin1": 1}, alpha_pattern={"lin0": 16}),
+    ),
     Case("lokr-conv1d", "conv1d", lokr(target_modules=["conv1d"], r=1)),
     Case("lokr-conv1d-effective", "conv1d", lokr(target_modules=["conv1d"], r=1, use_effective_conv2d=True)),
     Case("lokr-conv2d", "conv2d", lokr(target_modules=["conv2d", "conv2d_1x1"])),
-    Case("lokr-conv2d-effective", "conv2d", lokr(target_modules=["conv2d", "conv2d_1x1"], r=1,
-                                                 use_effective_conv2d=True)),
+    Case(
+        "lokr-conv2d-effective",
+        "conv2d",
+        lokr(target_modules=["conv2d", "conv2d_1x1"], r=1, use_effective_conv2d=True),
+    ),
     Case("lokr-llama", "llama", lokr(target_modules=["q_proj", "v_proj", "down_proj"], r=2, task_type="CAUSAL_LM")),
 ]
 
@@ -122,7 +138,15 @@ CASES += [
     Case("fourierft-bias-only", "mlp", fourierft(target_modules=["lin0"], bias="fourier_only", scaling=5.0)),
     Case("fourierft-modules-to-save", "mlp", fourierft(target_modules=["lin0"], modules_to_save=["lin2"])),
     Case("fourierft-conv1d-transformers", "emb_conv1d", fourierft(target_modules=["conv1d"], n_frequency=4)),
-    Case("fourierft-llama-pattern", "llama", fourierft(target_modules=["q_proj", "v_proj"], random_loc_seed=3,
-                                                       n_frequency_pattern={"v_proj": 20}, task_type="CAUSAL_LM")),
+    Case(
+        "fourierft-llama-pattern",
+        "llama",
+        fourierft(
+            target_modules=["q_proj", "v_proj"],
+            random_loc_seed=3,
+            n_frequency_pattern={"v_proj": 20},
+            task_type="CAUSAL_LM",
+        ),
+    ),
     Case("fourierft-gpt2-default-targets", "gpt2", fourierft(task_type="CAUSAL_LM")),
 ]

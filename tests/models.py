@@ -65,17 +65,34 @@ def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+        )
+    )
 
 
 def tiny_bert_classifier(seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(seed)
-    return BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                                    num_hidden_layers=2, num_attention_heads=4,
-                                                    max_position_embeddings=32, num_labels=3)).eval()
+    return BertForSequenceClassification(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            num_labels=3,
+        )
+    ).eval()
 
 
 def tiny_gpt2(seed: int = 0):
@@ -88,8 +105,14 @@ def tiny_gpt2(seed: int = 0):
 # name -> (builder(seed) -> model, inputs(generator) -> kwargs for forward)
 MODELS = {
     "mlp": (lambda seed=0: _seeded(MLP, seed), lambda g: {"X": torch.randn(4, 10, generator=g)}),
-    "emb_conv1d": (lambda seed=0: _seeded(EmbConv1D, seed), lambda g: {"X": torch.randint(0, 100, (4, 10), generator=g)}),
-    "conv1d": (lambda seed=0: _seeded(Conv1dModel, seed), lambda g: {"X": torch.randint(0, 100, (4, 10), generator=g)}),
+    "emb_conv1d": (
+        lambda seed=0: _seeded(EmbConv1D, seed),
+        lambda g: {"X": torch.randint(0, 100, (4, 10), generator=g)},
+    ),
+    "conv1d": (
+        lambda seed=0: _seeded(Conv1dModel, seed),
+        lambda g: {"X": torch.randint(0, 100, (4, 10), generator=g)},
+    ),
     "conv2d": (lambda seed=0: _seeded(Conv2dModel, seed), lambda g: {"X": torch.randn(4, 5, 6, 6, generator=g)}),
     "llama": (tiny_llama, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}),
     "bert": (tiny_bert_classifier, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}),

@@ -1,6 +1,5 @@
 """Adapter configs (PEFT's JSON format) and, later, run configs."""
 
-from dpeft.config.targets import TargetConfigMixin
 from dpeft.config.peft_config import (
     CONFIG_NAME,
     PeftConfig,
@@ -9,6 +8,7 @@ from dpeft.config.peft_config import (
     register_config_class,
     registered_peft_types,
 )
+from dpeft.config.targets import TargetConfigMixin
 
 __all__ = [
     "CONFIG_NAME",

@@ -20,7 +20,11 @@ class TargetConfigMixin:
                 value = list(dict.fromkeys(value))
             setattr(self, name, value)
         layers = getattr(self, "layers_to_transform", None)
-        if layers is not None and getattr(self, "target_modules", None) is not None and isinstance(self.target_modules, str):
+        if (
+            layers is not None
+            and getattr(self, "target_modules", None) is not None
+            and isinstance(self.target_modules, str)
+        ):
             raise ValueError("layers_to_transform cannot be used when target_modules is a regex string")
         pattern = getattr(self, "layers_pattern", None)
         if pattern and layers is None:

@@ -46,7 +46,9 @@ class MethodLayer:
         """The input the base layer sees with this adapter active (e.g. IA3 on feedforward layers scales it)."""
         return x
 
-    def forward(self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
+    ) -> torch.Tensor:
         """Return the layer output with this adapter applied, given the input and the output so far."""
         raise NotImplementedError
 

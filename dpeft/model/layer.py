@@ -30,15 +30,23 @@ class AdaptedLayer(nn.Module):
 
     def __init__(self, base_layer: nn.Module, handler: BaseHandler, store: AdapterStore, ctx: ForwardContext) -> None:
         super().__init__()
-        self.base_layer = base_layer
-        self.handler = handler
-        self.store = store
-        self.ctx = ctx
-        self.methods: dict[str, MethodLayer] = {}
-        self.entries: dict[str, Entry] = {}
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disable_adapters = False
+        self._modules["base_layer"] = base_layer
+        # Plain attributes straight into __dict__: nn.Module.__setattr__ costs ~10x more per attribute, and
+        # injection builds one of these per adapted layer on the load path.
+        self.__dict__.update(
+            handler=handler,
+            store=store,
+            ctx=ctx,
+            disable_adapters=False,
+            methods={},
+            entries={},
+            active_adapters=[],
+            merged_adapters=[],
+        )
+        self.methods: dict[str, MethodLayer]
+        self.entries: dict[str, Entry]
+        self.active_adapters: list[str]
+        self.merged_adapters: list[str]
 
     # ------------------------------------------------------------------ adapters
     def add(self, adapter: str, method: MethodLayer, entry: Entry) -> None:
@@ -101,8 +109,12 @@ class AdaptedLayer(nn.Module):
     def _plain_base_call(self) -> bool:
         """Whether calling the base layer is just its forward (no hooks that shard, gather or observe it)."""
         base = self.base_layer
-        return not (base._forward_hooks or base._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                    or nn.modules.module._global_forward_pre_hooks)
+        return not (
+            base._forward_hooks
+            or base._forward_pre_hooks
+            or nn.modules.module._global_forward_hooks
+            or nn.modules.module._global_forward_pre_hooks
+        )
 
     def _fused(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         """The method's fused base + adapter output for the single active adapter, if it has one here."""
@@ -158,8 +170,10 @@ class AdaptedLayer(nn.Module):
             weight = method.merge_weight(self.handler.weight().detach(), p)
             bias = method.merged_bias(self.handler.bias, p, +1)
             if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
-                raise ValueError(f"NaNs detected in the merged weights of {method.module_name} (adapter {name!r}); "
-                                 "the adapter seems to be broken")
+                raise ValueError(
+                    f"NaNs detected in the merged weights of {method.module_name} (adapter {name!r}); "
+                    "the adapter seems to be broken"
+                )
             self.handler.set_weight(weight)
             if bias is not None and bias is not self.handler.bias:
                 self.handler.bias.data.copy_(bias)

@@ -43,8 +43,11 @@ class PeftModel(nn.Module):
         super().__init__()
         self._add_head_modules(peft_config)
         self.base_model = AdapterModel(
-            model, {adapter_name: peft_config}, adapter_name,
-            autocast_adapter_dtype=autocast_adapter_dtype, init=not low_cpu_mem_usage,
+            model,
+            {adapter_name: peft_config},
+            adapter_name,
+            autocast_adapter_dtype=autocast_adapter_dtype,
+            init=not low_cpu_mem_usage,
         )
         self.special_peft_forward_args = {"adapter_names"}
 
@@ -112,7 +115,11 @@ class PeftModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
         if adapter_names is not None:
-            beams = kwargs.get("num_beams") or getattr(getattr(self.get_base_model(), "generation_config", None), "num_beams", 1) or 1
+            beams = (
+                kwargs.get("num_beams")
+                or getattr(getattr(self.get_base_model(), "generation_config", None), "num_beams", 1)
+                or 1
+            )
             adapter_names = [n for n in adapter_names for _ in range(beams)]
         with self._routing(adapter_names):
             return self.get_base_model().generate(*args, **kwargs)
@@ -162,12 +169,17 @@ class PeftModel(nn.Module):
         self.base_model.unmerge_adapter()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None,
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
         quantized_merge: str = "requantize",
     ) -> nn.Module:
         """Merge and return the base model; `quantized_merge` ("requantize"/"dequantize") is for quantized bases."""
         return self.base_model.merge_and_unload(
-            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names,
+            progressbar=progressbar,
+            safe_merge=safe_merge,
+            adapter_names=adapter_names,
             quantized_merge=quantized_merge,
         )
 
@@ -189,7 +201,9 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     # ------------------------------------------------------------------ saving and loading
     def save_pretrained(
@@ -216,11 +230,14 @@ class PeftModel(nn.Module):
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a directory")
         # Under the sharded store, gathering full tensors is a collective every rank must take part in.
-        states = {
-            n: get_peft_model_state_dict(self, adapter_name=n, save_embedding_layers=save_embedding_layers)
-            for n in names
-        } if (
-            is_main_process or self.store.backend == "sharded") else {}
+        states = (
+            {
+                n: get_peft_model_state_dict(self, adapter_name=n, save_embedding_layers=save_embedding_layers)
+                for n in names
+            }
+            if (is_main_process or self.store.backend == "sharded")
+            else {}
+        )
         if not is_main_process:
             return
         for name in names:
@@ -264,15 +281,18 @@ class PeftModel(nn.Module):
         """
         from dpeft.model.task_models import task_model_class
 
-        config = config if config is not None else PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+        config = (
+            config if config is not None else PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
+        )
         config.inference_mode = not is_trainable
         model_cls = task_model_class(config.task_type) if cls is PeftModel else cls
         state = load_adapter_weights(os.path.join(model_id, kwargs.get("subfolder") or ""))
         state = _remap_keys(state, key_mapping if key_mapping is not None else _conversion_mapping(model))
         trainability = _trainability(model)
         try:
-            peft_model = model_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                   low_cpu_mem_usage=True)
+            peft_model = model_cls(
+                model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=True
+            )
         except BaseException:
             _restore(trainability)
             raise
@@ -310,7 +330,9 @@ class PeftModel(nn.Module):
             raise ValueError(f"adapter {adapter_name!r} is already loaded; delete it or choose another name")
         config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"))
         config.inference_mode = not is_trainable
-        state = load_adapter_weights(os.path.join(model_id, kwargs.get("subfolder") or ""), device=torch_device or "cpu")
+        state = load_adapter_weights(
+            os.path.join(model_id, kwargs.get("subfolder") or ""), device=torch_device or "cpu"
+        )
         mapping = key_mapping if key_mapping is not None else _conversion_mapping(self.get_base_model())
         state = _remap_keys(state, mapping)
         trainability = _trainability(self)
@@ -348,7 +370,7 @@ def _remap_keys(state: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> 
     out = {}
     for key, value in state.items():
         prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
-        body = key[len(prefix):]
+        body = key[len(prefix) :]
         for pattern, replacement in key_mapping.items():
             body, count = re.subn(pattern, replacement, body)
             if count:

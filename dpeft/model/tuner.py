@@ -132,8 +132,9 @@ class AdapterModel(nn.Module):
                 parent, child = _parent(self.model, name)
                 setattr(parent, child, layer)
             dtype = _adapter_dtype(layer.handler.dtype, self.autocast_adapter_dtype)
-            entry = self.store.declare(layer, name, adapter_name, method_layer.specs, device=layer.handler.device,
-                                       dtype=dtype, init=init)
+            entry = self.store.declare(
+                layer, name, adapter_name, method_layer.specs, device=layer.handler.device, dtype=dtype, init=init
+            )
             if init:
                 method_layer.after_allocation(entry.params)
             layer.add(adapter_name, method_layer, entry)
@@ -157,7 +158,8 @@ class AdapterModel(nn.Module):
         if not names:
             return
         found = [
-            n for n, m in self.model.named_modules()
+            n
+            for n, m in self.model.named_modules()
             if n and any(n == t or n.endswith(f".{t}") for t in names) and not _inside_wrapper(self.model, n)
         ]
         for name in found:
@@ -174,7 +176,9 @@ class AdapterModel(nn.Module):
         for param in self.model.parameters():
             param.requires_grad_(False)
         for name in self.peft_config:
-            self.store.set_requires_grad(name, name in self.active_adapters and not self.peft_config[name].inference_mode)
+            self.store.set_requires_grad(
+                name, name in self.active_adapters and not self.peft_config[name].inference_mode
+            )
         # As in PEFT, the bias setting of every active adapter applies (adding an adapter must not freeze the
         # biases the active one trains).
         for active in self.active_adapters:
@@ -216,7 +220,9 @@ class AdapterModel(nn.Module):
             empty = not module.methods if isinstance(module, AdaptedLayer) else not len(module.modules_to_save)
             if empty:
                 parent, child = _parent(self.model, name)
-                setattr(parent, child, module.base_layer if isinstance(module, AdaptedLayer) else module.original_module)
+                setattr(
+                    parent, child, module.base_layer if isinstance(module, AdaptedLayer) else module.original_module
+                )
         self.store.remove(adapter_name)
         if not _rollback and adapter_name in self.active_adapters:
             # As in PEFT: the other active adapters stay active; with none left, the first remaining one is.
@@ -241,7 +247,11 @@ class AdapterModel(nn.Module):
             layer.unmerge()
 
     def _unload(
-        self, merge: bool, progressbar: bool, safe_merge: bool, adapter_names: list[str] | None,
+        self,
+        merge: bool,
+        progressbar: bool,
+        safe_merge: bool,
+        adapter_names: list[str] | None,
         quantized_merge: str = "requantize",
     ) -> nn.Module:
         check_quantized_merge(quantized_merge)
@@ -269,7 +279,10 @@ class AdapterModel(nn.Module):
         return self.model
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None,
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
         quantized_merge: str = "requantize",
     ) -> nn.Module:
         """Merge adapters into the base weights and return the plain base model.

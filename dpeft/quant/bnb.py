@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-from dpeft.quant.handlers import BaseHandler
+from dpeft.quant.handlers import LinearHandler
 
 _BNB_4BIT = "Linear4bit"
 _BNB_8BIT = "Linear8bitLt"
@@ -72,7 +72,7 @@ def check_quantized_layer(layer: nn.Module) -> None:
         raise _unsupported(layer, f"its weight is {weight.dtype}, not a float tensor")
 
 
-class _BnbHandler(BaseHandler):
+class _BnbHandler(LinearHandler):
     """What both bnb handlers share: linear kind, sizes, and a float replacement module."""
 
     kind = "linear"
@@ -89,14 +89,6 @@ class _BnbHandler(BaseHandler):
     @classmethod
     def check_state(cls, layer: nn.Module) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    @property
-    def in_features(self) -> int:
-        return self.layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.layer.out_features
 
     def float_dtype(self) -> torch.dtype:
         """The dtype a dequantized copy of this layer gets."""

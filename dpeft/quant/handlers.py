@@ -129,8 +129,9 @@ class EmbeddingHandler(BaseHandler):
     def embed(self, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Look `ids` up in `weight` with the base layer's padding and norm settings."""
         layer = self.layer
-        return F.embedding(ids, weight, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq,
-                           layer.sparse)
+        return F.embedding(
+            ids, weight, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq, layer.sparse
+        )
 
     def embed_scale(self) -> torch.Tensor | None:
         """Scaled embeddings (e.g. Gemma's) multiply their output; adapter outputs are scaled alike."""

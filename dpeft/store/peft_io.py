@@ -11,14 +11,19 @@ SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"
 
 
-def save_adapter_weights(state_dict: dict[str, torch.Tensor], directory: str, *, safe_serialization: bool = True) -> str:
+def save_adapter_weights(
+    state_dict: dict[str, torch.Tensor], directory: str, *, safe_serialization: bool = True
+) -> str:
     """Write `state_dict` atomically (temporary file, then rename); returns the file written."""
     os.makedirs(directory, exist_ok=True)
     name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
     path = os.path.join(directory, name)
     tmp = path + ".tmp"
     # safetensors refuses tensors that share memory or are non-contiguous views; PEFT clones the same way.
-    tensors = {k: v if v.is_contiguous() and v.storage_offset() == 0 else v.contiguous().clone() for k, v in state_dict.items()}
+    tensors = {
+        k: v if v.is_contiguous() and v.storage_offset() == 0 else v.contiguous().clone()
+        for k, v in state_dict.items()
+    }
     if safe_serialization:
         save_file(tensors, tmp, metadata={"format": "pt"})
     else:

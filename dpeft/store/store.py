@@ -229,7 +229,8 @@ class AdapterStore:
                     problems.append(f"{key}: checkpoint shape {tuple(tensor.shape)} != model shape {want}")
         if problems:
             raise ValueError(
-                f"checkpoint does not fit adapter {adapter!r}: " + "; ".join(problems)
+                f"checkpoint does not fit adapter {adapter!r}: "
+                + "; ".join(problems)
                 + ". Check that the checkpoint was saved from this base model with this adapter config."
             )
 
