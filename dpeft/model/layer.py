@@ -69,9 +69,7 @@ class AdaptedLayer(nn.Module):
     def _apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         p = self.store.get(self.entries[name])
         if x.is_floating_point():
-            dtype = next(iter(p.values())).dtype
-            if x.dtype != dtype:
-                x = x.to(dtype)
+            x = x.to(_adapter_dtype(p))
         return self.methods[name].forward(x, result, p, self.training)
 
     def _base_input(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -81,8 +79,7 @@ class AdaptedLayer(nn.Module):
             if method is None or not method.transforms_input:
                 continue
             p = self.store.get(self.entries[name])
-            dtype = next(iter(p.values())).dtype
-            x = method.transform_input(x.to(dtype), p).to(x.dtype)
+            x = method.transform_input(x.to(_adapter_dtype(p)), p).to(x.dtype)
         return x
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -134,13 +131,12 @@ class AdaptedLayer(nn.Module):
         rows: dict[str, list[int]] = {}
         for i, name in enumerate(routing):
             rows.setdefault(name, []).append(i)
-        # A fixed order, and under the sharded store a gather even for adapters without rows on this rank: gathers
-        # are collectives, so every rank must make the same ones whatever its rows are.
+        # A fixed order, and a store read even for adapters without rows here: under a sharded store reads are
+        # collectives, so every rank must make the same ones whatever its rows are (locally a read is free).
         for name in self.methods:
             idx = rows.get(name)
             if idx is None:
-                if self.entries[name].sharded:
-                    self.store.get(self.entries[name])
+                self.store.get(self.entries[name])
                 continue
             index = torch.tensor(idx, device=result.device)
             x_rows = x.index_select(0, index)
@@ -174,9 +170,7 @@ class AdaptedLayer(nn.Module):
                     f"NaNs detected in the merged weights of {method.module_name} (adapter {name!r}); "
                     "the adapter seems to be broken"
                 )
-            self.handler.set_weight(weight)
-            if bias is not None and bias is not self.handler.bias:
-                self.handler.bias.data.copy_(bias)
+            self._write_base(weight, bias)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -187,11 +181,20 @@ class AdaptedLayer(nn.Module):
             if name not in names:
                 continue
             method, p = self.methods[name], self.store.get(self.entries[name])
-            self.handler.set_weight(method.unmerge_weight(self.handler.weight().detach(), p))
-            bias = method.merged_bias(self.handler.bias, p, -1)
-            if bias is not None and bias is not self.handler.bias:
-                self.handler.bias.data.copy_(bias)
+            self._write_base(
+                method.unmerge_weight(self.handler.weight().detach(), p), method.merged_bias(self.handler.bias, p, -1)
+            )
             self.merged_adapters.remove(name)
+
+    def _write_base(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.handler.set_weight(weight)
+        if bias is not None and bias is not self.handler.bias:
+            self.handler.bias.data.copy_(bias)
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.methods)}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def _adapter_dtype(p: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype an adapter computes in: that of its tensors (float32 on half-precision bases by default)."""
+    return next(iter(p.values())).dtype

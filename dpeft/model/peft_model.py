@@ -229,13 +229,13 @@ class PeftModel(nn.Module):
             raise ValueError(f"cannot save adapters {missing}: not loaded; loaded adapters: {list(self.peft_config)}")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a directory")
-        # Under the sharded store, gathering full tensors is a collective every rank must take part in.
+        # Where the store gathers full tensors with a collective, every rank must take part in it.
         states = (
             {
                 n: get_peft_model_state_dict(self, adapter_name=n, save_embedding_layers=save_embedding_layers)
                 for n in names
             }
-            if (is_main_process or self.store.backend == "sharded")
+            if (is_main_process or self.store.collective)
             else {}
         )
         if not is_main_process:

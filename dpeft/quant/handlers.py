@@ -61,6 +61,14 @@ class BaseHandler:
         """Turn a tensor in the layer's stored layout into (out, in, ...) (inverse of `stored_layout`)."""
         return stored
 
+    def is_plain(self) -> bool:
+        """Whether the layer is exactly a torch layer class (not a subclass) holding plain parameters (not DTensors,
+        quantized or engine-managed ones), so a method may compute with its weight directly in a fused path."""
+        layer = self.layer
+        return type(layer) in _PLAIN_LAYERS and all(
+            type(t) is nn.Parameter for t in layer._parameters.values() if t is not None
+        )
+
     def set_weight(self, weight: torch.Tensor) -> None:
         """Write an (out, in, ...) float weight back into the layer, in its own dtype and layout."""
         w = self.stored_layout(weight).to(self.weight_param.dtype)
@@ -165,6 +173,8 @@ class ConvHandler(BaseHandler):
         layer = self.layer
         return self.conv_fn(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
 
+
+_PLAIN_LAYERS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 _HANDLERS: list[type[BaseHandler]] = [LinearHandler, TransformersConv1DHandler, EmbeddingHandler, ConvHandler]
 

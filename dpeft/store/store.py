@@ -122,6 +122,11 @@ class AdapterStore:
         """
         return self._sharded.get(entry) if entry.sharded else entry.params
 
+    @property
+    def collective(self) -> bool:
+        """Whether reading full tensors (`get`, `state_dict`) is a collective that every rank must join."""
+        return self._sharded is not None
+
     # ---------------------------------------------------------------- backends
     def shard(self, group=None, bucket_of: Callable[[Entry], int] | None = None) -> None:
         """Switch to the sharded backend in place: each declared tensor keeps only this rank's dim-0 shard.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dpeft.methods.base import MethodLayer
 from dpeft.methods.fourierft.config import FourierFTConfig
@@ -56,7 +55,8 @@ class FourierFTLayer(MethodLayer):
     def fused_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:
         """One GEMM with W + delta W instead of two (the dense delta weight is built anyway)."""
         w = self.handler.weight_param
-        if type(self.handler.layer) is not nn.Linear or not (x.dtype == w.dtype == p["spectrum"].dtype):
+        plain_linear = self.handler.kind == "linear" and self.handler.is_plain()
+        if not plain_linear or not (x.dtype == w.dtype == p["spectrum"].dtype):
             return None  # Conv1D, quantized or mixed-precision bases take the general path
         return F.linear(x, w + self.delta_weight(p), self.handler.layer.bias)
 

@@ -88,7 +88,8 @@ class LycorisLayer(MethodLayer):
         """One GEMM / convolution with W + delta W instead of two (the delta weight is built anyway)."""
         layer, w = self.handler.layer, self.handler.weight_param
         first = next(iter(p.values()))
-        if type(layer) not in (nn.Linear, nn.Conv1d, nn.Conv2d) or not (x.dtype == w.dtype == first.dtype):
+        plain = self.handler.kind in ("linear", "conv1d", "conv2d") and self.handler.is_plain()
+        if not plain or not (x.dtype == w.dtype == first.dtype):
             return None  # quantized or mixed-precision bases take the general path
         if getattr(layer, "padding_mode", "zeros") != "zeros":
             return None

@@ -73,7 +73,7 @@ class DoraLayer(LoraLayer):
         lora2 = ((B @ (A @ A.t())) * B).sum(1)
         return (row2 + 2 * s * cross + s * s * lora2).clamp_min(0).sqrt()
 
-    def _gain(self, p: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def _gain(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         mag = p["magnitude"]
         return mag / self.weight_norm(p).to(mag.dtype).view_as(mag)
 
@@ -81,7 +81,7 @@ class DoraLayer(LoraLayer):
     def forward(
         self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
     ) -> torch.Tensor:
-        g = self._gain(p, result.dtype)
+        g = self._gain(p)
         if self.kind == "embedding":
             return g * self.lora_delta(x, p, result)
         bias = self.handler.bias
@@ -99,7 +99,7 @@ class DoraLayer(LoraLayer):
     def fused_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:
         if "lora_B_bias" in p or not self._fusable(x, p, training) or p["magnitude"].dtype != x.dtype:
             return None
-        g = self._gain(p, x.dtype)
+        g = self._gain(p)
         layer = self.handler.layer
         return DoraLinearFn.apply(x, layer.weight, layer.bias, p["lora_A"], p["lora_B"], g, self.scaling)
 

@@ -121,14 +121,11 @@ class LoraLayer(MethodLayer):
 
     def _fusable(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> bool:
         """Whether base + adapter can run as one fused op: a plain frozen `nn.Linear`, no dropout, one dtype."""
-        layer = self.handler.layer
-        if self.kind != "linear" or type(layer) is not nn.Linear or (self.dropout and training):
+        if self.kind != "linear" or (self.dropout and training) or not self.handler.is_plain():
             return False
-        weight, bias = layer.weight, layer.bias
-        # Only plain parameters: sharded (DTensor) or engine-managed weights go through the base layer's own call.
-        if type(weight) is not nn.Parameter or weight.requires_grad or (bias is not None and bias.requires_grad):
-            return False
-        A = p["lora_A"]
+        weight, bias, A = self.handler.weight_param, self.handler.bias, p["lora_A"]
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return False  # the fused autograd functions treat the base weight and bias as constants
         return x.dtype == weight.dtype == A.dtype and x.device == weight.device == A.device
 
     def fused_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:
