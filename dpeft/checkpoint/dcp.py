@@ -185,6 +185,14 @@ def latest_checkpoint(root: str) -> str | None:
     return None
 
 
+def resolve_checkpoint(path: str) -> str:
+    """`path` itself when it is a step directory; for a checkpoint root, its newest complete step (else `path`,
+    so that reading it names the missing manifest)."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
+        return latest_checkpoint(path) or path
+    return path
+
+
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load adapter (and optimizer) state and this rank's RNG from checkpoint `path`, at any world size.
 

@@ -13,6 +13,7 @@ import warnings
 import torch
 import torch.distributed.checkpoint as dcp
 
+from dpeft.checkpoint.dcp import resolve_checkpoint
 from dpeft.checkpoint.dcp_manifest import read_manifest, verify_checksums
 from dpeft.config import get_peft_config
 from dpeft.store import save_adapter_weights
@@ -36,8 +37,9 @@ def read_adapter_tensors(path: str) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
-def export_checkpoint(path: str, out_dir: str) -> None:
-    """Write checkpoint `path` as PEFT-format adapters under `out_dir`.
+def export_checkpoint(path: str, out_dir: str) -> str:
+    """Write checkpoint `path` (a step directory, or a root: its newest complete step) as PEFT-format adapters
+    under `out_dir`; returns the step directory exported.
 
     Raises:
         ValueError: if `path` is not a complete, intact checkpoint, or `out_dir` is a file.
@@ -46,6 +48,7 @@ def export_checkpoint(path: str, out_dir: str) -> None:
         raise ValueError(f"output {out_dir!r} is a file; pass a directory")
     import dpeft.methods  # noqa: F401 - registers the config classes the manifest names
 
+    path = resolve_checkpoint(path)
     manifest = read_manifest(path)
     tensors = read_adapter_tensors(path)
     for name, config_dict in manifest["adapters"].items():
@@ -53,3 +56,4 @@ def export_checkpoint(path: str, out_dir: str) -> None:
         save_adapter_weights(tensors[name], directory)
         config = get_peft_config({**config_dict, "inference_mode": True})
         config.save_pretrained(directory)
+    return path

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def add_parser(subparsers) -> None:
@@ -23,16 +22,10 @@ def add_parser(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from dpeft.checkpoint.dcp import latest_checkpoint
-    from dpeft.checkpoint.dcp_manifest import MANIFEST
     from dpeft.checkpoint.export import export_checkpoint
 
-    path = args.checkpoint
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
-        latest = latest_checkpoint(path)
-        path = latest if latest is not None else path  # not a root either: export names the missing manifest
     try:
-        export_checkpoint(path, args.out)
+        path = export_checkpoint(args.checkpoint, args.out)
     except ValueError as exc:
         raise SystemExit(f"dpeft export: {exc}") from exc
     print(f"exported {path} -> {args.out}")
