@@ -343,12 +343,28 @@ def test_distributed_checkpoint_adapter(llama_dir: str, tmp_path) -> None:
 
     config = dpeft.LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
     peft_model = save_adapter(tiny_llama(), config, str(tmp_path / "adapter"), "tiny-llama")
+    save_checkpoint(str(tmp_path / "ckpt"), 2, peft_model, None, {})
+    with torch.no_grad():  # the newest step holds other values: a root must resolve to it, not to step 2
+        for p in peft_model.store.parameters("default"):
+            p.mul_(1.5)
     step = save_checkpoint(str(tmp_path / "ckpt"), 3, peft_model, None, {})
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
     run_merge(llama_dir, [step], str(tmp_path / "from_dcp"))
+    run_merge(llama_dir, [str(tmp_path / "ckpt")], str(tmp_path / "from_root"))
     run_merge(llama_dir, [str(tmp_path / "adapter")], str(tmp_path / "from_peft"))
     for name in os.listdir(tmp_path / "from_peft"):
-        with open(tmp_path / "from_peft" / name, "rb") as a, open(tmp_path / "from_dcp" / name, "rb") as b:
-            assert a.read() == b.read(), name
+        with open(tmp_path / "from_peft" / name, "rb") as a:
+            expected = a.read()
+        for other in ("from_dcp", "from_root"):
+            with open(tmp_path / other / name, "rb") as b:
+                assert b.read() == expected, (other, name)
+
+
+def test_adapter_folder_that_is_neither_is_refused(llama_dir: str, tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no complete step-XXXXXXXX checkpoint"):
+        run_merge(llama_dir, [str(tmp_path / "empty")], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("use_dora", [False, True])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dpeft.checkpoint.dcp import resolve_checkpoint
 from dpeft.checkpoint.dcp_manifest import MANIFEST, read_manifest
 from dpeft.checkpoint.hf_shards import DTYPES, TensorFiles
 from dpeft.config import PeftConfig, get_peft_config
@@ -30,11 +31,13 @@ class AdapterSource:
     """An adapter's config and its tensors under PEFT's (current) key names, read on demand.
 
     Args:
-        path: A PEFT-format folder (``adapter_config.json`` + ``adapter_model.safetensors``), or a dpeft
-            distributed checkpoint when `dpeft.checkpoint.dcp.load_adapter_state` is available.
+        path: A PEFT-format folder (``adapter_config.json`` + ``adapter_model.safetensors``), a dpeft
+            distributed checkpoint step directory, or a checkpoint root (its newest complete step is used).
     """
 
     def __init__(self, path: str) -> None:
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            path = resolve_checkpoint(path)
         self.path = path
         self._files: TensorFiles | None = None
         self._tensors: dict[str, torch.Tensor] = {}
@@ -58,7 +61,7 @@ class AdapterSource:
         else:
             raise ValueError(
                 f"adapter {path!r} has neither {CONFIG_NAME} (a PEFT-format adapter folder) nor {MANIFEST} "
-                "(a dpeft distributed checkpoint step directory)"
+                "(a dpeft distributed checkpoint step directory), and holds no complete step-XXXXXXXX checkpoint"
             )
         self._keys = {normalize_keys({k: None}).popitem()[0]: k for k in names}
 

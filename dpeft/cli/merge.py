@@ -1,6 +1,7 @@
 """`dpeft merge`: fold adapters into a sharded HF safetensors checkpoint (a thin shell over `merge_checkpoint`).
 
-Run it as one process, or under torchrun to split the output shards across ranks (see launch/merge_torchrun.sh).
+Run it as one process, under torchrun to split the output shards across ranks (see launch/merge_torchrun.sh), or
+as a Ray job with --ray-workers N (workers of the local Ray cluster, or of the one --ray-address names).
 """
 
 from __future__ import annotations
@@ -15,23 +16,28 @@ def run(args: argparse.Namespace) -> None:
 
     if args.weights is not None and len(args.weights) != len(args.adapter):
         raise SystemExit(f"dpeft merge: got {len(args.weights)} --weights for {len(args.adapter)} --adapter")
-    distributed = "WORLD_SIZE" in os.environ and not args.dry_run
+    options = dict(
+        weights=args.weights,
+        shard_size=args.shard_size,
+        merge_dtype=args.dtype,
+        overwrite=args.overwrite,
+        ignore_name_mismatch=args.ignore_name_mismatch,
+        safe_merge=args.safe_merge,
+        progress=not args.no_progress,
+    )
+    use_ray = args.ray_workers is not None and not args.dry_run
+    distributed = "WORLD_SIZE" in os.environ and not args.dry_run and not use_ray
     if distributed:
         init_distributed("cpu")  # gloo: the ranks only vote and wait on each other; the work is file I/O
     try:
-        report = merge_checkpoint(
-            args.base,
-            args.adapter,
-            args.out,
-            weights=args.weights,
-            shard_size=args.shard_size,
-            merge_dtype=args.dtype,
-            dry_run=args.dry_run,
-            overwrite=args.overwrite,
-            ignore_name_mismatch=args.ignore_name_mismatch,
-            safe_merge=args.safe_merge,
-            progress=not args.no_progress,
-        )
+        if use_ray:
+            from dpeft.ray.merge import merge
+
+            report = merge(
+                args.base, args.adapter, args.out, num_workers=args.ray_workers, address=args.ray_address, **options
+            )
+        else:
+            report = merge_checkpoint(args.base, args.adapter, args.out, dry_run=args.dry_run, **options)
     except ValueError as exc:
         raise SystemExit(f"dpeft merge: {exc}") from None
     finally:
@@ -60,7 +66,7 @@ def add_parser(subparsers) -> None:
         "--adapter",
         required=True,
         action="append",
-        help="PEFT-format adapter folder or dpeft distributed-checkpoint step; repeat to merge several, in order.",
+        help="PEFT-format adapter folder, dpeft checkpoint step, or checkpoint root (its newest step); repeatable.",
     )
     parser.add_argument(
         "--weights",
@@ -90,4 +96,10 @@ def add_parser(subparsers) -> None:
         help="Check every merged tensor for NaN/inf and stop (publishing nothing) if one has any.",
     )
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    parser.add_argument(
+        "--ray-workers", type=int, default=None, help="Run as a Ray job on this many workers (output shards split)."
+    )
+    parser.add_argument(
+        "--ray-address", default=None, help="Ray cluster to use with --ray-workers (e.g. auto); default: a local one."
+    )
     parser.set_defaults(func=run)

@@ -26,12 +26,12 @@ class NormHandler(BaseHandler):
 
     @classmethod
     def accepts(cls, layer: nn.Module) -> bool:
+        if "Norm" not in type(layer).__name__:  # cheap first: every candidate layer of every method is asked
+            return False
         names = {n for n, _ in layer.named_parameters(recurse=False)}
         no_children = not any(True for _ in layer.children())
         no_buffers = not any(True for _ in layer.named_buffers(recurse=False))
-        return (
-            "Norm" in type(layer).__name__ and names in ({"weight"}, {"weight", "bias"}) and no_children and no_buffers
-        )
+        return names in ({"weight"}, {"weight", "bias"}) and no_children and no_buffers
 
     @property
     def in_features(self) -> int:
