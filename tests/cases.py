@@ -150,3 +150,196 @@ CASES += [
     ),
     Case("fourierft-gpt2-default-targets", "gpt2", fourierft(task_type="CAUSAL_LM")),
 ]
+
+
+def vera(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_weights", False)  # lambda_b = 1, lambda_d normal: the adapter changes outputs at init
+    kw.setdefault("r", 8)
+    return lambda: dpeft.VeraConfig(**kw)
+
+
+CASES += [
+    # lin0 (20x10) and lin1 (20x20): shared projections sized (8, 20) / (20, 8), sliced per layer.
+    Case("vera-linear", "mlp", vera(target_modules=["lin0", "lin1"])),
+    Case("vera-bias-only", "mlp", vera(target_modules=["lin0"], bias="vera_only", projection_prng_key=3)),
+    Case("vera-modules-to-save", "mlp", vera(target_modules=["lin1"], modules_to_save=["lin2"])),
+    Case("vera-conv1d-transformers", "emb_conv1d", vera(target_modules=["conv1d", "lin0"], r=2)),
+    Case("vera-llama", "llama", vera(target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")),
+    Case("vera-gpt2", "gpt2", vera(target_modules=["c_attn", "mlp.c_proj"], task_type="CAUSAL_LM")),
+]
+
+
+def oft(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_weights", False)
+    return lambda: dpeft.OFTConfig(**kw)
+
+
+CASES += [
+    Case("oft-linear", "mlp", oft(target_modules=["lin0", "lin1"], oft_block_size=5)),
+    Case(
+        "oft-linear-r-exact-cayley",
+        "mlp",
+        oft(target_modules=["lin0", "lin1"], r=2, oft_block_size=0, use_cayley_neumann=False),
+    ),
+    Case("oft-block-share", "mlp", oft(target_modules=["lin0", "lin1"], oft_block_size=5, block_share=True)),
+    Case(
+        "oft-bias-oft-only",
+        "mlp",
+        oft(target_modules=["lin0"], oft_block_size=2, bias="oft_only", num_cayley_neumann_terms=3),
+    ),
+    Case("oft-modules-to-save", "mlp", oft(target_modules=["lin0"], oft_block_size=5, modules_to_save=["lin2"])),
+    Case("oft-embedding", "emb_conv1d", oft(target_modules=["emb"], r=1, oft_block_size=0)),
+    Case("oft-conv2d-1x1", "conv2d", oft(target_modules=["conv2d_1x1"], oft_block_size=5)),
+    # PEFT 0.21.2's unmerged OFT forward on k>1 convolutions sums overlapping patches (not the identity at init);
+    # dpeft uses the merged form W R^T, which tests/test_method_oft.py checks against PEFT's merged model.
+    Case("oft-conv2d", "conv2d", oft(target_modules=["conv2d", "conv2d_1x1"], oft_block_size=5), peft_interop=False),
+    Case(
+        "oft-llama",
+        "llama",
+        oft(target_modules=["q_proj", "v_proj", "down_proj"], oft_block_size=8, task_type="CAUSAL_LM"),
+    ),
+]
+
+
+def adalora(**kw) -> Callable[[], dpeft.PeftConfig]:
+    # Random A, E, B (E = 0 at default init would be the identity); lora_alpha=1 keeps outputs O(1) for 1e-5 checks.
+    kw = {"init_lora_weights": False, "total_step": 10, "init_r": 4, "target_r": 2, "lora_alpha": 1, **kw}
+    return lambda: dpeft.AdaLoraConfig(**kw)
+
+
+# AdaLoRA allows one trainable adapter (as PEFT): the common two-adapter checks add the second in inference mode.
+ONE_TRAINABLE = ("one-trainable",)
+CASES += [
+    Case("adalora-linear", "mlp", adalora(target_modules=["lin0", "lin1"]), tags=ONE_TRAINABLE),
+    Case(
+        "adalora-dropout-bias",
+        "mlp",
+        adalora(target_modules=["lin0"], lora_dropout=0.1, bias="lora_only"),
+        tags=ONE_TRAINABLE,
+    ),
+    Case(
+        "adalora-modules-to-save",
+        "mlp",
+        adalora(target_modules=["lin1"], modules_to_save=["lin2"]),
+        tags=ONE_TRAINABLE,
+    ),
+    Case("adalora-conv1d-transformers", "emb_conv1d", adalora(target_modules=["conv1d"]), tags=ONE_TRAINABLE),
+    Case("adalora-conv2d", "conv2d", adalora(target_modules=["conv2d", "conv2d_1x1"]), tags=ONE_TRAINABLE),
+    Case("adalora-llama", "llama", adalora(task_type="CAUSAL_LM"), tags=ONE_TRAINABLE),
+    Case("adalora-gpt2", "gpt2", adalora(task_type="CAUSAL_LM", init_r=3), tags=ONE_TRAINABLE),
+]
+
+
+def vblora(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("r", 2)
+    kw.setdefault("num_vectors", 8)
+    kw.setdefault("init_vector_bank_bound", 0.5)  # PEFT's 0.02 barely moves these tiny models' outputs
+    return lambda: dpeft.VBLoRAConfig(**kw)
+
+
+CASES += [
+    Case("vblora-linear", "mlp", vblora(target_modules=["lin0", "lin1"], vector_length=10)),
+    Case("vblora-topk3-bias-only", "mlp", vblora(target_modules=["lin1"], vector_length=5, topk=3, bias="vblora_only")),
+    Case("vblora-modules-to-save", "mlp", vblora(target_modules=["lin0"], vector_length=5, modules_to_save=["lin2"])),
+    Case("vblora-llama", "llama", vblora(target_modules=["q_proj", "v_proj", "down_proj"], vector_length=8, task_type="CAUSAL_LM")),
+    Case("vblora-gpt2-conv1d", "gpt2", vblora(target_modules=["c_attn"], vector_length=16, task_type="CAUSAL_LM")),
+]
+# Saves top-k indices/weights instead of logits (a smaller, inference-only checkpoint), as PEFT does.
+CASES += [Case("vblora-save-only-topk", "mlp", vblora(target_modules=["lin0", "lin1"], vector_length=5, save_only_topk_weights=True))]
+
+
+def boft(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_weights", False)
+    return lambda: dpeft.BOFTConfig(**kw)
+
+
+CASES += [
+    Case("boft-linear", "mlp", boft(target_modules=["lin0", "lin1"], boft_block_size=5)),
+    Case(
+        "boft-block-num-bias",
+        "mlp",
+        boft(target_modules=["lin0", "lin1"], boft_block_size=0, boft_block_num=2, bias="boft_only"),
+    ),
+    Case("boft-dropout", "mlp", boft(target_modules=["lin0", "lin1"], boft_block_size=2, boft_dropout=0.5)),
+    Case("boft-modules-to-save", "mlp", boft(target_modules=["lin0"], boft_block_size=5, modules_to_save=["lin2"])),
+    Case("boft-conv2d", "conv2d", boft(target_modules=["conv2d", "conv2d_1x1"], boft_block_size=5)),
+    Case(
+        "boft-llama",
+        "llama",
+        boft(target_modules=["q_proj", "v_proj", "down_proj"], boft_block_size=8, task_type="CAUSAL_LM"),
+    ),
+    # Butterfly factors > 1: HF PEFT builds them only with its CUDA extension (on CPU it silently uses one factor),
+    # so these rows are checked against a hand-written reference in tests/test_method_boft.py instead of PEFT.
+    Case(
+        "boft-butterfly",
+        "mlp",
+        boft(target_modules=["lin1"], boft_block_size=2, boft_n_butterfly_factor=2),
+        peft_interop=False,
+    ),
+    Case(
+        "boft-butterfly-llama",
+        "llama",
+        boft(
+            target_modules=["q_proj", "v_proj"],
+            boft_block_num=4,
+            boft_block_size=0,
+            boft_n_butterfly_factor=3,
+            task_type="CAUSAL_LM",
+        ),
+        peft_interop=False,
+    ),
+]
+
+
+def hra(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_weights", False)
+    return lambda: dpeft.HRAConfig(**kw)
+
+
+CASES += [
+    Case("hra-linear", "mlp", hra(target_modules=["lin0", "lin1"], r=4)),
+    Case("hra-gram-schmidt", "mlp", hra(target_modules=["lin0", "lin1"], r=3, apply_GS=True)),
+    Case("hra-bias-hra-only", "mlp", hra(target_modules=["lin0"], r=2, bias="hra_only")),
+    Case("hra-modules-to-save", "mlp", hra(target_modules=["lin0"], r=2, modules_to_save=["lin2"])),
+    Case("hra-conv2d", "conv2d", hra(target_modules=["conv2d", "conv2d_1x1"], r=4)),
+    Case("hra-conv2d-gram-schmidt", "conv2d", hra(target_modules=["conv2d", "conv2d_1x1"], r=5, apply_GS=True)),
+    Case("hra-llama", "llama", hra(target_modules=["q_proj", "v_proj", "down_proj"], r=6, task_type="CAUSAL_LM")),
+]
+
+
+def randlora(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_weights", False)  # lambda normal: the adapter changes outputs at init
+    kw.setdefault("r", 4)
+    kw.setdefault("randlora_alpha", kw["r"])  # PEFT's 640 (20 x its default r) blows up these tiny models
+    return lambda: dpeft.RandLoraConfig(**kw)
+
+
+CASES += [
+    # PEFT saves the shared bases at model level AND under every layer: both directions must agree on those keys.
+    Case("randlora-linear", "mlp", randlora(target_modules=["lin0", "lin1"])),
+    Case("randlora-sparse-bias-only", "mlp", randlora(target_modules=["lin0"], sparse=True, bias="randlora_only")),
+    Case("randlora-very-sparse-mts", "mlp", randlora(target_modules=["lin1"], very_sparse=True, modules_to_save=["lin2"])),
+    Case("randlora-conv1d-transformers", "emb_conv1d", randlora(target_modules=["conv1d", "lin0"], r=2)),
+    Case("randlora-llama", "llama", randlora(target_modules=["q_proj", "v_proj", "down_proj"], r=8, task_type="CAUSAL_LM")),
+    Case("randlora-gpt2", "gpt2", randlora(target_modules=["c_attn", "mlp.c_proj"], r=8, task_type="CAUSAL_LM")),
+]
+
+
+def delora(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_weights", False)
+    return lambda: dpeft.DeloraConfig(**kw)
+
+
+CASES += [
+    Case("delora-linear", "mlp", delora(target_modules=["lin0", "lin1"], r=4)),
+    Case(
+        "delora-patterns",
+        "mlp",
+        delora(target_modules=["lin0", "lin1"], r=4, rank_pattern={"lin1": 2}, lambda_pattern={"lin0": 3}),
+    ),
+    Case("delora-dropout-bias", "mlp", delora(target_modules=["lin0"], r=2, module_dropout=0.2, bias="delora_only")),
+    Case("delora-modules-to-save", "mlp", delora(target_modules=["lin0"], r=2, modules_to_save=["lin2"])),
+    Case(
+        "delora-llama", "llama", delora(target_modules=["q_proj", "v_proj", "down_proj"], r=6, task_type="CAUSAL_LM")
+    ),
+]

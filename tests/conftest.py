@@ -91,3 +91,13 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
     for name, value in before["params"].items():
         assert torch.equal(value, after["params"][name]), f"parameter {name} changed"
     assert before["buffers"] == after["buffers"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (starting one costs seconds); the address for `address=`."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -102,6 +102,50 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
 
 
+def tiny_t5(seed: int = 0):
+    """A 2+2-layer T5 encoder-decoder (SEQ_2_SEQ_LM)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def tiny_bart(seed: int = 0):
+    """A 2+2-layer BART encoder-decoder (SEQ_2_SEQ_LM)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(
+        vocab_size=64,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+    )
+    return BartForConditionalGeneration(config)
+
+
 # name -> (builder(seed) -> model, inputs(generator) -> kwargs for forward)
 MODELS = {
     "mlp": (lambda seed=0: _seeded(MLP, seed), lambda g: {"X": torch.randn(4, 10, generator=g)}),

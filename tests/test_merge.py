@@ -44,8 +44,31 @@ METHOD_CASES: dict[str, tuple[str, dict]] = {
     "loha": ("LOHA", dict(target_modules=ATTN, r=4, alpha=8, init_weights=False)),
     "lokr": ("LOKR", dict(target_modules=ATTN, r=4, alpha=8, init_weights=False)),
     "oft": ("OFT", dict(target_modules=ATTN, r=0, oft_block_size=4, init_weights=False)),
+    "boft": ("BOFT", dict(target_modules=ATTN, boft_block_size=4, boft_n_butterfly_factor=2, init_weights=False)),
+    "hra": ("HRA", dict(target_modules=ATTN, r=4, init_weights=False)),
+    "hra-gram-schmidt": ("HRA", dict(target_modules=ATTN, r=3, apply_GS=True, init_weights=False)),
+    "delora": ("DELORA", dict(target_modules=ATTN, r=4, delora_lambda=3, init_weights=False)),
     "fourierft": ("FOURIERFT", dict(target_modules=ATTN, n_frequency=64, scaling=10.0, init_weights=False)),
     "ln_tuning": ("LN_TUNING", dict(target_modules=["input_layernorm", "norm"])),
+    "adalora": ("ADALORA", dict(target_modules=ATTN, init_r=4, lora_alpha=8, total_step=10, init_lora_weights=False)),
+    # A rank pattern (as the allocator writes it) prunes triplets: the merge builds the layers at the kept rank.
+    "adalora-rank-pattern": (
+        "ADALORA",
+        dict(
+            target_modules=["q_proj", "v_proj"],
+            init_r=4,
+            total_step=10,
+            init_lora_weights=False,
+            rank_pattern={
+                "model.layers.0.self_attn.q_proj.lora_E": [True, False, True, False],
+                "model.layers.1.self_attn.v_proj.lora_E": [False, False, False, False],
+            },
+        ),
+    ),
+    # Shared model-level tensors: the merge reads them through each layer (tests/test_method_vera.py: unsaved ones).
+    "vera": ("VERA", dict(target_modules=ATTN, r=8, init_weights=False)),
+    "vblora": ("VBLORA", dict(target_modules=ATTN, vector_length=8, num_vectors=16, init_vector_bank_bound=0.5)),
+    "randlora": ("RANDLORA", dict(target_modules=ATTN, r=8, randlora_alpha=8, init_weights=False)),
 }
 NOT_MERGEABLE: set[str] = set()  # registered methods that have no merged form (e.g. prompt learning)
 ATOL = 1e-5

@@ -48,6 +48,9 @@ DEFAULT_INIT = [
         lambda: dpeft.FourierFTConfig(target_modules=["lin0", "lin1"], n_frequency=30, init_weights=True),
     ),
     ("ln-tuning", "llama", lambda: dpeft.LNTuningConfig(task_type="CAUSAL_LM")),
+    ("vera", "mlp", lambda: dpeft.VeraConfig(target_modules=["lin0", "lin1"], r=4)),
+    ("vera-llama", "llama", lambda: dpeft.VeraConfig(r=8, projection_prng_key=5, task_type="CAUSAL_LM")),
+    ("randlora", "mlp", lambda: dpeft.RandLoraConfig(target_modules=["lin0", "lin1"], r=4)),
 ]
 RANDOM_INIT = [
     ("fourierft", "mlp", lambda: dpeft.FourierFTConfig(target_modules=["lin0", "lin1"], n_frequency=30)),
@@ -65,6 +68,68 @@ RANDOM_INIT = [
         "lokr-random",
         "mlp",
         lambda: dpeft.LoKrConfig(target_modules=["lin0", "lin1"], r=1, init_weights=False, decompose_both=True),
+    ),
+    ("vera-random", "mlp", lambda: dpeft.VeraConfig(target_modules=["lin0", "lin1"], r=4, init_weights=False)),
+    # PEFT re-draws the shared bank before each layer and keeps the last draw: the same seed must give that bank.
+    (
+        "vblora",
+        "llama",
+        lambda: dpeft.VBLoRAConfig(target_modules=["q_proj", "v_proj", "down_proj"], vector_length=8, num_vectors=16),
+    ),
+    (
+        "randlora-very-sparse-random",
+        "llama",
+        lambda: dpeft.RandLoraConfig(target_modules=["q_proj", "down_proj"], r=8, very_sparse=True, init_weights=False),
+    ),
+]
+# The orthogonal family (their own checks are in tests/test_method_<name>.py).
+DEFAULT_INIT += [
+    ("oft", "mlp", lambda: dpeft.OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=5)),
+    ("oft-conv2d", "conv2d", lambda: dpeft.OFTConfig(target_modules=["conv2d"], oft_block_size=5)),
+    ("boft", "mlp", lambda: dpeft.BOFTConfig(target_modules=["lin0", "lin1"], boft_block_size=5)),
+    ("boft-conv2d", "conv2d", lambda: dpeft.BOFTConfig(target_modules=["conv2d", "conv2d_1x1"], boft_block_size=5)),
+    ("delora", "llama", lambda: dpeft.DeloraConfig(r=4, lambda_pattern={"v_proj": 3}, task_type="CAUSAL_LM")),
+]
+RANDOM_INIT += [
+    ("oft-random", "llama", lambda: dpeft.OFTConfig(oft_block_size=8, init_weights=False, task_type="CAUSAL_LM")),
+    (
+        "boft-random",
+        "conv2d",
+        lambda: dpeft.BOFTConfig(target_modules=["conv2d"], boft_block_size=5, init_weights=False),
+    ),
+    # HRA's default init is the identity only up to rounding (pairs of equal reflections), so it is listed here
+    # (same tensors as PEFT) rather than in DEFAULT_INIT (exact identity); tests/test_method_hra.py checks it.
+    ("hra-default-init", "conv2d", lambda: dpeft.HRAConfig(target_modules=["conv2d", "conv2d_1x1"], r=4)),
+    ("hra-random", "mlp", lambda: dpeft.HRAConfig(target_modules=["lin0", "lin1"], r=3, init_weights=False)),
+    ("delora-random", "mlp", lambda: dpeft.DeloraConfig(target_modules=["lin0", "lin1"], r=4, init_weights=False)),
+]
+# AdaLoRA (the rank allocation and checkpoints after it: tests/test_method_adalora.py).
+DEFAULT_INIT += [("adalora", "mlp", lambda: dpeft.AdaLoraConfig(target_modules=["lin0", "lin1"], total_step=10))]
+RANDOM_INIT += [
+    (
+        "adalora-random",
+        "conv2d",
+        lambda: dpeft.AdaLoraConfig(target_modules=["conv2d"], init_r=3, total_step=10, init_lora_weights=False),
+    )
+]
+# Prompt learning (tests/test_method_prompt.py has the rest): the saved prompt of the same seed equals PEFT's.
+RANDOM_INIT += [
+    (
+        "prompt-tuning-vocab",
+        "llama",
+        lambda: dpeft.PromptTuningConfig(
+            num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB", task_type="CAUSAL_LM"
+        ),
+    ),
+    (
+        "p-tuning-mlp",
+        "llama",
+        lambda: dpeft.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=8, task_type="CAUSAL_LM"),
+    ),
+    (
+        "prefix-tuning-projection",
+        "llama",
+        lambda: dpeft.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True, task_type="CAUSAL_LM"),
     ),
 ]
 ALL = [pytest.param(m, f, id=i) for i, m, f in DEFAULT_INIT + RANDOM_INIT]
@@ -98,7 +163,9 @@ def test_default_init_is_identity(model_name, factory):
     assert_close(out(model, kw), reference, atol=0)
 
 
-TRAIN = ("ia3", "loha", "loha-conv2d-effective", "lokr", "lokr-lycoris-init", "fourierft-zero-init", "ln-tuning")
+TRAIN = ("ia3", "loha", "loha-conv2d-effective", "lokr", "lokr-lycoris-init", "fourierft-zero-init", "ln-tuning", "vera", "randlora")
+TRAIN += ("oft", "boft", "delora")
+TRAIN += ("adalora",)
 
 
 @pytest.mark.parametrize(
@@ -284,7 +351,34 @@ SHARDED_CONFIGS = {
     "lokr": lambda: dpeft.LoKrConfig(target_modules=["q_proj", "down_proj"], r=2, init_weights=False),
     "fourierft": lambda: dpeft.FourierFTConfig(target_modules=["q_proj", "v_proj"], n_frequency=40, scaling=10.0),
     "ln-tuning": lambda: dpeft.LNTuningConfig(),
+    # Model-level shared projections (frozen, sharded like any other tensor) plus per-layer vectors.
+    "vera": lambda: dpeft.VeraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=6, init_weights=False),
+    # A trainable shared tensor: the bank's gradient sums over every layer that reads it, then is reduce-scattered.
+    "vblora": lambda: dpeft.VBLoRAConfig(
+        target_modules=["q_proj", "v_proj", "down_proj"], vector_length=8, num_vectors=10, init_vector_bank_bound=0.5
+    ),
+    "randlora": lambda: dpeft.RandLoraConfig(
+        target_modules=["q_proj", "v_proj", "down_proj"], r=8, randlora_alpha=8, init_weights=False
+    ),
 }
+
+SHARDED_CONFIGS.update(
+    {
+        "oft": lambda: dpeft.OFTConfig(target_modules=["q_proj", "v_proj"], oft_block_size=8, init_weights=False),
+        "boft": lambda: dpeft.BOFTConfig(
+            target_modules=["q_proj", "v_proj"], boft_block_size=8, boft_n_butterfly_factor=2, init_weights=False
+        ),
+        "hra": lambda: dpeft.HRAConfig(target_modules=["q_proj", "down_proj"], r=4, apply_GS=True, init_weights=False),
+        "delora": lambda: dpeft.DeloraConfig(target_modules=["q_proj", "v_proj"], r=4, init_weights=False),
+    }
+)
+SHARDED_CONFIGS.update(
+    {
+        "adalora": lambda: dpeft.AdaLoraConfig(
+            target_modules=["q_proj", "v_proj"], init_r=5, total_step=10, init_lora_weights=False
+        )
+    }
+)
 
 
 def _sharded_parity(names: list[str]) -> dict:
@@ -335,6 +429,76 @@ PARITY = [
         id="fourierft",
     ),
     pytest.param(lambda: dpeft.LNTuningConfig(task_type="CAUSAL_LM"), id="ln-tuning"),
+    pytest.param(
+        lambda: dpeft.VeraConfig(
+            target_modules=["q_proj", "v_proj", "down_proj"], r=8, vera_dropout=0.2, task_type="CAUSAL_LM"
+        ),
+        id="vera-dropout",
+    ),
+    pytest.param(
+        lambda: dpeft.VBLoRAConfig(
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            vector_length=8,
+            num_vectors=16,
+            topk=3,
+            vblora_dropout=0.2,
+            init_vector_bank_bound=0.5,
+            task_type="CAUSAL_LM",
+        ),
+        id="vblora-dropout",
+    ),
+    pytest.param(
+        lambda: dpeft.RandLoraConfig(
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            r=8,
+            randlora_alpha=16,
+            randlora_dropout=0.2,
+            sparse=True,
+            task_type="CAUSAL_LM",
+        ),
+        id="randlora-sparse-dropout",
+    ),
+]
+
+PARITY += [
+    pytest.param(
+        lambda: dpeft.OFTConfig(
+            target_modules=["q_proj", "v_proj", "down_proj"], oft_block_size=8, task_type="CAUSAL_LM"
+        ),
+        id="oft",
+    ),
+    pytest.param(
+        lambda: dpeft.BOFTConfig(
+            target_modules=["q_proj", "v_proj"], boft_block_size=4, boft_dropout=0.25, task_type="CAUSAL_LM"
+        ),
+        id="boft-dropout",
+    ),
+    pytest.param(lambda: dpeft.HRAConfig(target_modules=["q_proj", "v_proj"], r=4, task_type="CAUSAL_LM"), id="hra"),
+    pytest.param(
+        lambda: dpeft.DeloraConfig(target_modules=["q_proj", "v_proj"], r=4, module_dropout=0.2, task_type="CAUSAL_LM"),
+        id="delora-dropout",
+    ),
+]
+PARITY += [
+    pytest.param(
+        lambda: dpeft.AdaLoraConfig(
+            target_modules=["q_proj", "v_proj"], init_r=6, lora_dropout=0.2, total_step=10, task_type="CAUSAL_LM"
+        ),
+        id="adalora-orth-reg",
+    ),
+]
+
+
+PARITY += [
+    pytest.param(lambda: dpeft.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"), id="prompt-tuning"),
+    pytest.param(
+        lambda: dpeft.PromptEncoderConfig(num_virtual_tokens=4, encoder_hidden_size=16, task_type="CAUSAL_LM"),
+        id="p-tuning-mlp",
+    ),
+    pytest.param(
+        lambda: dpeft.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True, task_type="CAUSAL_LM"),
+        id="prefix-tuning-projection",
+    ),
 ]
 
 

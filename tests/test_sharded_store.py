@@ -71,20 +71,24 @@ def _parity(config_name: str) -> dict:
         logit_diff = (sharded(input_ids=mine).logits - local(input_ids=mine).logits).abs().max().item()
 
     local_params = dict(local.store.param_keys())
-    by_key = {key: p for p in local.store.parameters() for key in [local_params[id(p)][0]]}
+    by_key = {local_params[id(p)][0]: p for p in local.store.parameters() if id(p) in local_params}
     grad_diff, value_diff, checked, shard_numel, full_numel = 0.0, 0.0, 0, 0, 0
     for p in sharded.store.parameters():
+        if id(p) not in sharded.store.param_keys():
+            continue  # a non-persistent tensor (e.g. AdaLoRA's ranknum): no checkpoint key, set by its init
         key, shape, is_sharded = sharded.store.param_keys()[id(p)]
         ref_p = by_key[key]
+        ref_g = ref_p.grad if ref_p.grad is not None else torch.zeros_like(ref_p)  # frozen tensors have no grad
         if is_sharded:
             chunk = math.ceil(shape[0] / world)
             rows = slice(min(shape[0], rank * chunk), min(shape[0], (rank + 1) * chunk))
-            want_v, want_g = ref_p.detach()[rows], ref_p.grad[rows]
+            want_v, want_g = ref_p.detach()[rows], ref_g[rows]
         else:
-            want_v, want_g = ref_p.detach(), ref_p.grad
+            want_v, want_g = ref_p.detach(), ref_g
         assert p.shape == want_v.shape, (key, p.shape, want_v.shape)
         value_diff = max(value_diff, (p.detach() - want_v).abs().max().item() if p.numel() else 0.0)
-        grad_diff = max(grad_diff, (p.grad - want_g).abs().max().item() if p.numel() else 0.0)
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        grad_diff = max(grad_diff, (grad - want_g).abs().max().item() if p.numel() else 0.0)
         checked += 1
         shard_numel += p.numel()
         full_numel += math.prod(shape)

@@ -43,6 +43,7 @@ from dpeft.checkpoint.dcp_manifest import (
     write_manifest,
 )
 from dpeft.checkpoint.dcp_optim import load_optimizer_state, optimizer_state
+from dpeft.checkpoint.integrity import check_before_save, check_read_back
 from dpeft.dist import barrier, get_rank, get_world_size, is_distributed
 from dpeft.quant.merge import base_quantization
 
@@ -97,6 +98,11 @@ def save_checkpoint(
     store = tuner.store
     if store._sharded is not None:
         store._sharded.drain()  # no prefetch may be in flight under the checkpoint's collectives
+    state = store.sharded_state_dict()
+    # Checked before anything is written, on every rank (sums over shards are collectives); under fsdp2 the
+    # fingerprint reads base shards with collectives too, so every rank computes it here, not rank 0 alone.
+    norms = check_before_save(store, state)
+    fingerprint = base_fingerprint(tuner.model, _store_ids(store))
     final, tmp = step_dir(root, step), os.path.join(root, f".tmp-step-{step:08d}")
     rank = get_rank()
     if rank == 0:
@@ -105,7 +111,6 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         os.makedirs(os.path.join(tmp, "rng"))
     barrier()
-    state = store.sharded_state_dict()
     optim_state, optim_meta = optimizer_state(store, optimizer) if optimizer is not None else ({}, None)
     state.update(optim_state)
     with _single_process_quiet():
@@ -115,7 +120,7 @@ def save_checkpoint(
     os.replace(rng_file + ".part", rng_file)
     barrier()
     if rank == 0:
-        manifest = _manifest(tuner, store, step, extra, optim_meta, tmp)
+        manifest = _manifest(tuner, store, step, extra, optim_meta, tmp, fingerprint, norms)
         write_manifest(tmp, manifest)
         _publish(tmp, final)
         if keep_last is not None:
@@ -125,10 +130,14 @@ def save_checkpoint(
     return final
 
 
-def _manifest(tuner, store, step: int, extra: dict, optim_meta: dict | None, directory: str) -> dict[str, Any]:
+def _manifest(
+    tuner, store, step: int, extra: dict, optim_meta: dict | None, directory: str, fingerprint: str, norms: dict
+) -> dict[str, Any]:
     tensors = {}
     for key, tensor in store.sharded_state_dict().items():
         tensors[key] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        if key in norms:  # what a later read must give back (checked by load_checkpoint and export)
+            tensors[key]["sq_norm"] = norms[key]
     dtypes = sorted({t["dtype"] for t in tensors.values()})
     world = get_world_size()
     return {
@@ -138,7 +147,7 @@ def _manifest(tuner, store, step: int, extra: dict, optim_meta: dict | None, dir
         "mesh": {"shape": [world], "dim_names": ["dp"]},
         "backend": store.backend,
         "adapters": {name: config.to_dict() for name, config in tuner.peft_config.items()},
-        "base_fingerprint": base_fingerprint(tuner.model, _store_ids(store)),
+        "base_fingerprint": fingerprint,
         "base_quantization": base_quantization(tuner.model),  # None for a float base
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "tensors": tensors,
@@ -220,8 +229,15 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         if manifest.get("optimizer") is None:
             raise ValueError(f"checkpoint {path!r} holds no optimizer state; call load_checkpoint without optimizer")
         placeholders = load_optimizer_state(store, optimizer, manifest["optimizer"], path, stage="prepare")
+    # Read into copies and check them against the manifest before the model's tensors change.
+    staged = {key: tensor.clone() for key, tensor in state.items()}
     with _single_process_quiet():
-        dcp.load({**state, **placeholders}, checkpoint_id=path, no_dist=not is_distributed())
+        dcp.load({**staged, **placeholders}, checkpoint_id=path, no_dist=not is_distributed())
+    check_read_back(path, staged, manifest)
+    with torch.no_grad():
+        for key, tensor in staged.items():
+            state[key].copy_(tensor)
+    store.load_sharded(staged)  # where `state` held copies (deepspeed), write the values back into the model
     if optimizer is not None:
         load_optimizer_state(store, optimizer, manifest["optimizer"], path, stage="apply", loaded=placeholders)
     rng_file = os.path.join(path, "rng", f"rank-{get_rank():05d}.pt")

@@ -53,12 +53,32 @@ def base_fingerprint(model: nn.Module, adapter_param_ids: set[int]) -> str:
             if id(param) in adapter_param_ids or ".modules_to_save." in f".{name}.":
                 continue
             clean = name.replace(".base_layer.", ".").replace(".original_module.", ".")
-            flat = param.detach().reshape(-1)
-            n = flat.numel()
-            values = flat[[0, n // 2, n - 1]].double().tolist() if n else []
+            n = param.numel()
+            values = _elements(param.detach(), [0, n // 2, n - 1]) if n else []
             rows.append([clean, list(param.shape), str(param.dtype), [float.hex(v) for v in values]])
     rows.sort()
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def _elements(tensor: torch.Tensor, positions: list[int]) -> list[float]:
+    """Elements at flat `positions` of the full tensor; for a dim-0 sharded `DTensor` (fsdp2's base weights) each
+    rank gives the ones it holds and one all-reduce adds them up (a collective: every rank calls it)."""
+    if not hasattr(tensor, "to_local"):
+        return tensor.reshape(-1)[positions].double().tolist()
+    import torch.distributed as dist
+
+    from dpeft.store.sharded import ShardLayout
+
+    mesh = tensor.device_mesh
+    layout = ShardLayout.of(tuple(tensor.shape), mesh.get_local_rank(), mesh.size())
+    local = tensor.to_local().reshape(-1)
+    row = max(layout.row_numel, 1)
+    out = torch.zeros(len(positions), dtype=torch.float64, device=local.device)
+    for i, pos in enumerate(positions):
+        if layout.start <= pos // row < layout.start + layout.rows:
+            out[i] = local[pos - layout.start * row].double()
+    dist.all_reduce(out, group=mesh.get_group())
+    return out.tolist()
 
 
 def normalized_config(config_dict: dict[str, Any]) -> dict[str, Any]:

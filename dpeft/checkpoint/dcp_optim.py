@@ -19,6 +19,10 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _dtensor(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "to_local")
+
+
 def _json_value(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()
@@ -47,6 +51,8 @@ def _param_keys(store, optimizer) -> tuple[dict[int, tuple[str, tuple[int, ...],
 
 def optimizer_state(store, optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tensors for DCP, manifest entry) of `optimizer`'s state."""
+    if store._deepspeed is not None:  # DeepSpeed keeps flat partitions; its view presents them per tensor
+        return store._deepspeed.optimizer_state(store)
     keys, groups = _param_keys(store, optimizer)
     tensors: dict[str, Any] = {}
     meta_groups, meta_state = [], {}
@@ -76,6 +82,8 @@ def load_optimizer_state(
 ) -> dict[str, Any]:
     """``stage="prepare"``: check the optimizer fits and return placeholders for DCP to fill;
     ``stage="apply"``: install the filled placeholders as the optimizer's state and hyperparameters."""
+    if store._deepspeed is not None:
+        return store._deepspeed.load_optimizer_state(store, meta, path, stage, loaded)
     keys, groups = _param_keys(store, optimizer)
     saved_groups = [g["params"] for g in meta["param_groups"]]
     if type(optimizer).__name__ != meta["class"] or saved_groups != groups:
@@ -100,7 +108,8 @@ def load_optimizer_state(
                     state[name] = info["value"]
                 else:
                     value = loaded[_optim_key(key, name)]
-                    state[name] = value.to_local() if hasattr(value, "to_local") else value
+                    # The state of a DTensor parameter (fsdp2) stays a DTensor; a local shard's becomes local.
+                    state[name] = value.to_local() if hasattr(value, "to_local") and not _dtensor(param) else value
             if state:
                 optimizer.state[param] = state
     return {}
@@ -113,6 +122,9 @@ def _placeholders(store, optimizer, keys, meta: dict[str, Any]) -> dict[str, Any
             key, shape, sharded = keys[id(param)]
             for name, info in meta["state"].get(key, {}).items():
                 if info["kind"] == "param":
+                    if _dtensor(param):  # fsdp2: a DTensor placed like the parameter
+                        out[_optim_key(key, name)] = torch.empty_like(param.detach(), dtype=_dtype(info["dtype"]))
+                        continue
                     local = torch.empty(param.shape, dtype=_dtype(info["dtype"]), device=param.device)
                     out[_optim_key(key, name)] = store._sharded.as_dtensor(local, shape) if sharded else local
                 elif info["kind"] == "tensor":

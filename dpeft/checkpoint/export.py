@@ -15,7 +15,9 @@ import torch.distributed.checkpoint as dcp
 
 from dpeft.checkpoint.dcp import resolve_checkpoint
 from dpeft.checkpoint.dcp_manifest import read_manifest, verify_checksums
+from dpeft.checkpoint.integrity import check_read_back
 from dpeft.config import get_peft_config
+from dpeft.model.model_hooks import saved_state
 from dpeft.store import save_adapter_weights
 
 
@@ -30,6 +32,7 @@ def read_adapter_tensors(path: str) -> dict[str, dict[str, torch.Tensor]]:
     with warnings.catch_warnings():  # DCP warns that no_dist means one process: that is the point here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=path, no_dist=True)
+    check_read_back(path, state, manifest)  # before anything is written
     out: dict[str, dict[str, torch.Tensor]] = {name: {} for name in manifest["adapters"]}
     for key, tensor in state.items():
         _, adapter, peft_key = key.split("/", 2)
@@ -53,7 +56,8 @@ def export_checkpoint(path: str, out_dir: str) -> str:
     tensors = read_adapter_tensors(path)
     for name, config_dict in manifest["adapters"].items():
         directory = out_dir if name == "default" else os.path.join(out_dir, name)
-        save_adapter_weights(tensors[name], directory)
         config = get_peft_config({**config_dict, "inference_mode": True})
+        # The method's saving rules apply as in save_pretrained (e.g. AdaLoRA drops pruned triplets).
+        save_adapter_weights(saved_state(config, name, tensors[name]), directory)
         config.save_pretrained(directory)
     return path

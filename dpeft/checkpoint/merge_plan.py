@@ -212,6 +212,8 @@ def build_plan(peft_model: PeftModel, base: TensorFiles, sources: list[AdapterSo
             _check_shape(base, target, source.shape(key), source)
             plan.setdefault(target, []).append(Step(i, "replace", key=key))
         for entry in store.entries(name):
+            if entry.shared:
+                continue  # model-level tensors (VeRA's projections): read through each layer's link, below
             module = model.get_submodule(entry.module_name)
             if isinstance(module, AdaptedLayer):
                 base_layer, handler = module.base_layer, module.handler
@@ -261,12 +263,18 @@ def _check_shape(base: TensorFiles, name: str, want: tuple[int, ...], source: Ad
 # ---------------------------------------------------------------------------------------------- the math
 def _adapter_tensors(step: Step, source: AdapterSource, compute: torch.dtype | None, meta: bool):
     out = {}
-    for name in step.entry.specs:
-        dtype = step.entry.params[name].dtype  # what the store holds in memory (float32 on half bases)
+    entries = [step.entry] if step.entry.link is None else [step.entry, step.entry.link]  # + shared tensors
+    for entry, name in [(e, n) for e in entries for n in e.specs]:
+        dtype = entry.params[name].dtype  # what the store holds in memory (float32 on half bases)
         if compute is not None and dtype.is_floating_point:
             dtype = compute
-        key = step.entry.peft_key(name)
-        if meta:
+        key = entry.peft_key(name)
+        spec = entry.specs[name]
+        if not spec.persistent:  # in no checkpoint: regenerated from the config (e.g. VeRA's projection_prng_key)
+            out[name] = torch.zeros(spec.shape, dtype=dtype, device="meta" if meta else "cpu")
+            if not meta and spec.init is not None:
+                spec.init(out[name])
+        elif meta:
             out[name] = torch.empty(source.shape(key), dtype=dtype, device="meta")
         else:
             t = source.get(key)

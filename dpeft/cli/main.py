@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 # Subcommand modules, each with `add_parser(subparsers)`; imported lazily so `dpeft --help` stays fast.
-SUBCOMMANDS = ["demo", "export", "merge", "train"]
+SUBCOMMANDS = ["demo", "eval", "export", "merge", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

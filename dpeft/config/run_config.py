@@ -90,10 +90,29 @@ class DataSection:
 class StoreSection:
     """Where adapter state lives."""
 
-    backend: Literal["auto", "local", "sharded"] = _f(
+    backend: Literal["auto", "local", "sharded", "fsdp2", "deepspeed"] = _f(
         "auto",
         "'local' (plain parameters, gradients all-reduced when distributed), 'sharded' (ZeRO-3 style over "
-        "ranks) or 'auto' (sharded under torchrun); one process always runs 'local'.",
+        "ranks, adapter state only), 'fsdp2' (FSDP2 fully_shard of base and adapters per transformer block), "
+        "'deepspeed' (DeepSpeed ZeRO) or 'auto' (sharded under torchrun); one process always runs 'local'.",
+    )
+    fsdp_param_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(
+        None,
+        "fsdp2 mixed precision: dtype the gathered parameters (base and adapters) compute in; null = their own "
+        "dtype (no mixed precision).",
+    )
+    fsdp_reduce_dtype: Literal["float32", "bfloat16", "float16"] | None = _f(
+        None, "fsdp2 mixed precision: dtype gradients are reduce-scattered in; null = the compute dtype."
+    )
+    fsdp_cpu_offload: bool = _f(
+        False,
+        "fsdp2: keep sharded parameters, gradients and optimizer state on the CPU (CPUOffloadPolicy; for CUDA "
+        "runs, a no-op on CPU runs).",
+    )
+    fsdp_reshard_after_forward: bool = _f(
+        True,
+        "fsdp2: free each block's gathered parameters after its forward and gather them again in backward "
+        "(less memory, one more all-gather per block).",
     )
 
 

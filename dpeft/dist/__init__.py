@@ -55,16 +55,24 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
         timeout_s: Collective timeout.
 
     Returns:
-        This rank's `DistInfo`; calling it again returns the same group.
+        This rank's `DistInfo`; calling it again returns the same group. A default group that already exists (one
+        Ray Train or the caller made) is joined as it is, provided its backend can run collectives on `device`.
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _pick_device(device, local_rank)
     if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
         return DistInfo(0, 1, 0, dev, None)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    elif backend not in str(dist.get_backend()).replace(",", ":").split(":"):
+        # e.g. "cpu:gloo,cuda:nccl" serves both; a plain nccl group cannot reduce CPU tensors, nor gloo CUDA ones.
+        raise ValueError(
+            f"the existing process group uses {dist.get_backend()!r}, which cannot run dpeft's collectives on "
+            f"{dev.type}; use train.device={'cuda' if backend == 'gloo' else 'cpu'} or create the group with "
+            f"backend {backend!r} (Ray: use_gpu={dev.type == 'cuda'})"
+        )
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, dist.group.WORLD)
 
 

@@ -19,28 +19,49 @@ class Method:
         make_layer: Builds the `MethodLayer` for one base layer; returns None when the method cannot sit on
             that kind of layer (the injector then reports the layer type).
         prefix: The prefix of its parameter names (``"lora_"``), used to mark them in reprs and messages.
+        shared_specs: For methods with model-level tensors shared by all layers of an adapter (VeRA's projections,
+            VBLoRA's vector bank): ``shared_specs(config, handlers) -> list[ParamSpec]``, called once per adapter with
+            the handlers of every targeted layer (name -> handler) before any layer is built; None otherwise.
+        model_hooks: A `dpeft.methods.hooks.ModelHooks` subclass for model-level behaviour (extra loss terms,
+            model methods, saved-state rules; AdaLoRA's rank allocation), instantiated per adapter; None otherwise.
+        make_encoder: For prompt-learning methods, which adapt no layer (``make_layer=None``) but add virtual
+            tokens to the model's input: builds the method's `PromptEncoder` from its config; None otherwise.
     """
 
     name: str
     config_cls: type[PeftConfig]
     make_layer: object
     prefix: str
+    shared_specs: object = None
+    model_hooks: type | None = None
+    make_encoder: object = None
 
     def build_layer(self, handler: BaseHandler, config: PeftConfig, module_name: str) -> MethodLayer | None:
-        return self.make_layer(handler, config, module_name)
+        return None if self.make_layer is None else self.make_layer(handler, config, module_name)
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register_method(*, name: str, config_cls: type[PeftConfig], make_layer, prefix: str) -> None:
+def register_method(
+    *,
+    name: str,
+    config_cls: type[PeftConfig],
+    make_layer,
+    prefix: str,
+    shared_specs=None,
+    model_hooks=None,
+    make_encoder=None,
+) -> None:
     """Register a method under its `peft_type` name; a second registration of a name is an error."""
     if name in _METHODS:
         raise ValueError(f"method {name!r} is already registered")
     if config_cls.PEFT_TYPE != name:
         raise ValueError(f"{config_cls.__name__}.PEFT_TYPE is {config_cls.PEFT_TYPE!r}, expected {name!r}")
     register_config_class(name, config_cls)
-    _METHODS[name] = Method(name, config_cls, make_layer, prefix)
+    _METHODS[name] = Method(
+        name, config_cls, make_layer, prefix, shared_specs, model_hooks=model_hooks, make_encoder=make_encoder
+    )
 
 
 def get_method(name: str) -> Method:

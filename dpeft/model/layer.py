@@ -66,7 +66,7 @@ class AdaptedLayer(nn.Module):
         return bool(self.merged_adapters)
 
     # ------------------------------------------------------------------ forward
-    def _apply(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _apply_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         p = self.store.get(self.entries[name])
         if x.is_floating_point():
             x = x.to(_adapter_dtype(p))
@@ -100,7 +100,7 @@ class AdaptedLayer(nn.Module):
         dtype = result.dtype
         for name in self.active_adapters:
             if name in self.methods:
-                result = self._apply(name, x, result)
+                result = self._apply_adapter(name, x, result)
         return result if result.dtype == dtype else result.to(dtype)
 
     def _plain_base_call(self) -> bool:
@@ -144,7 +144,7 @@ class AdaptedLayer(nn.Module):
                 sub_result = self.base_layer(self._base_input(x_rows, [name]), *args, **kwargs)
             else:
                 sub_result = result.index_select(0, index)
-            sub = self._apply(name, x_rows, sub_result)
+            sub = self._apply_adapter(name, x_rows, sub_result)
             result = result.to(sub.dtype).index_copy(0, index, sub)
         return result if result.dtype == dtype else result.to(dtype)
 

@@ -13,6 +13,9 @@ from torch import nn
 
 from dpeft.config import PeftConfig
 from dpeft.model.layer import BASE_ADAPTER
+from dpeft.model.model_hooks import add_extra_losses
+from dpeft.model.prompt import prompt_forward
+from dpeft.model.prompt_generate import causal_generate, seq2seq_generate
 from dpeft.model.state import get_peft_model_state_dict, set_peft_model_state_dict
 from dpeft.model.tuner import AdapterModel
 from dpeft.store import load_adapter_weights, save_adapter_weights
@@ -29,6 +32,8 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: Allocate adapter tensors without initialising them (a load fills them next).
     """
 
+    #: How a prompt-learning adapter's virtual tokens enter this task's inputs (see `dpeft.model.prompt`).
+    _prompt_task: str = "features"
     #: Names of head modules that this task class trains and saves in full (PEFT's convention).
     head_module_names: tuple[str, ...] = ()
 
@@ -110,10 +115,17 @@ class PeftModel(nn.Module):
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
         """Run the base model with the active adapters, or per-row adapters when `adapter_names` is given
         (one name per batch row; ``"__base__"`` for no adapter)."""
+        if self._prompt_active(adapter_names):
+            return prompt_forward(self, self._prompt_task, _ids_from_args(args, kwargs))
         with self._routing(adapter_names):
-            return self.get_base_model()(*args, **kwargs)
+            outputs = self.get_base_model()(*args, **kwargs)
+        return add_extra_losses(outputs, self.base_model.model_hooks)  # e.g. AdaLoRA's orthogonal regulariser
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
+        if self._prompt_active(adapter_names):
+            if self._prompt_task == "seq2seq":
+                return seq2seq_generate(self, _ids_from_args(args, kwargs))
+            return causal_generate(self, args, kwargs)
         if adapter_names is not None:
             beams = (
                 kwargs.get("num_beams")
@@ -123,6 +135,15 @@ class PeftModel(nn.Module):
             adapter_names = [n for n in adapter_names for _ in range(beams)]
         with self._routing(adapter_names):
             return self.get_base_model().generate(*args, **kwargs)
+
+    def _prompt_active(self, adapter_names: list[str] | None) -> bool:
+        """Whether the active adapter is a prompt-learning one (and adapters are enabled)."""
+        tuner = self.base_model
+        if not tuner.prompt_encoders or tuner.prompts_disabled or self.active_adapter not in tuner.prompt_encoders:
+            return False
+        if adapter_names is not None:
+            raise ValueError("adapter_names (per-row adapters) is not supported with prompt-learning adapters")
+        return True
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -190,7 +211,10 @@ class PeftModel(nn.Module):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, counting packed 4-bit weights at their logical size as PEFT does."""
         trainable, total = 0, 0
+        buffers = self.store.buffer_ids()  # tensors PEFT keeps as buffers, which it does not count
         for param in self.parameters():
+            if id(param) in buffers:
+                continue
             n = param.numel()
             if param.__class__.__name__ == "Params4bit":  # two 4-bit values per byte of quant_storage
                 n = n * 2 * (param.quant_storage.itemsize if hasattr(param, "quant_storage") else 1)
@@ -348,6 +372,13 @@ class PeftModel(nn.Module):
             raise
         if not is_trainable:
             self.eval()
+
+
+def _ids_from_args(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Prompt-learning forwards take keyword arguments; a single positional argument is the input ids."""
+    if len(args) > 1:
+        raise TypeError("pass the inputs of a prompt-learning model as keyword arguments (input_ids=..., ...)")
+    return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
 
 
 def _trainability(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:

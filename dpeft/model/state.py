@@ -9,7 +9,10 @@ import torch
 from torch import nn
 
 from dpeft.model.layer import AdaptedLayer
-from dpeft.store import PEFT_PREFIX
+from dpeft.model.model_hooks import loaded_state, saved_state
+from dpeft.model.prompt import prompt_saved_state, prompt_state_to_store
+from dpeft.store import PEFT_PREFIX, SHARED_PREFIX
+from dpeft.store.fsdp_view import full_value
 
 # transformers' input and output embedding names; PEFT saves their base weights when one is targeted.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -89,13 +92,18 @@ def get_peft_model_state_dict(
         model = getattr(model, "_orig_mod", model)
     tuner = _tuner(model)
     out = tuner.store.state_dict(adapter_name)
-    out.update({k: p.detach() for k, p in _bias_keys(tuner, adapter_name).items()})
+    if adapter_name in getattr(tuner, "prompt_encoders", {}):
+        out = prompt_saved_state(tuner, adapter_name, out)  # PEFT saves a prompt encoder's output
+    # Base tensors may be FSDP2 shards (DTensors): full_value gathers them (every rank calls this then).
+    out.update({k: full_value(p) for k, p in _bias_keys(tuner, adapter_name).items()})
     targeted = _embedding_targeted(tuner.peft_config[adapter_name], tuner.model)
     if save_embedding_layers is True or (save_embedding_layers == "auto" and targeted):
-        out.update({k: p.detach() for k, p in _embedding_keys(tuner, adapted_only=targeted).items()})
+        out.update({k: full_value(p) for k, p in _embedding_keys(tuner, adapted_only=targeted).items()})
     if state_dict is not None:
         # A caller-provided state dict (e.g. gathered by an engine) overrides the values, key by key.
         out.update({k: state_dict[k] for k in out if k in state_dict})
+    # The method's own saving rules (e.g. AdaLoRA drops the triplets its rank pattern pruned), as PEFT applies them.
+    out = saved_state(tuner.peft_config[adapter_name], adapter_name, out)
     return out
 
 
@@ -110,7 +118,7 @@ def normalize_keys(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     for key, value in state_dict.items():
         for pattern, repl in _LEGACY:
             key = pattern.sub(repl, key)
-        if not key.startswith(PEFT_PREFIX):
+        if not key.startswith(PEFT_PREFIX) and not key.startswith(SHARED_PREFIX):  # shared: base_model.<name>
             key = PEFT_PREFIX + key
         out[key] = value
     return out
@@ -137,7 +145,10 @@ def set_peft_model_state_dict(
         ValueError: naming missing, unexpected or mis-shaped keys; the model is left unchanged.
     """
     tuner = _tuner(model)
+    if adapter_name in getattr(tuner, "prompt_encoders", {}):
+        peft_model_state_dict = prompt_state_to_store(tuner, adapter_name, peft_model_state_dict)
     state = normalize_keys(peft_model_state_dict)
+    state = loaded_state(tuner.peft_config[adapter_name], adapter_name, state)  # the method's saving rules, undone
     # Base tensors a PEFT checkpoint may carry besides the adapter's own: trained biases, embedding weights.
     biases = {**_embedding_keys(tuner, adapted_only=False), **_bias_keys(tuner, adapter_name)}
     expected = set(tuner.store.keys(adapter_name)) | set(biases)

@@ -1,5 +1,5 @@
 """The six task classes of HF PEFT. For adapter methods they differ only in which head they save and in
-`generate`; prompt-learning methods add their own inputs in `dpeft.methods`."""
+`generate`; prompt-learning methods add virtual tokens to the inputs as `_prompt_task` says (`dpeft.model.prompt`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from dpeft.model.peft_model import PeftModel
 class PeftModelForCausalLM(PeftModel):
     """Causal language models; `generate` accepts `adapter_names` for mixed-adapter batches."""
 
+    _prompt_task = "causal"
+
     def prepare_inputs_for_generation(self, *args, **kwargs):
         return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
@@ -17,9 +19,13 @@ class PeftModelForCausalLM(PeftModel):
 class PeftModelForSeq2SeqLM(PeftModel):
     """Encoder-decoder language models."""
 
+    _prompt_task = "seq2seq"
+
 
 class PeftModelForSequenceClassification(PeftModel):
     """Sequence classifiers; the classification head (`classifier` or `score`) is trained and saved in full."""
+
+    _prompt_task = "classification"
 
     head_module_names = ("classifier", "score")
 
@@ -27,11 +33,15 @@ class PeftModelForSequenceClassification(PeftModel):
 class PeftModelForTokenClassification(PeftModel):
     """Token classifiers; the classification head is trained and saved in full."""
 
+    _prompt_task = "classification"
+
     head_module_names = ("classifier", "score")
 
 
 class PeftModelForQuestionAnswering(PeftModel):
     """Extractive question answering; the `qa_outputs` head is trained and saved in full."""
+
+    _prompt_task = "classification"
 
     head_module_names = ("qa_outputs",)
 

@@ -15,12 +15,15 @@ from tqdm.auto import tqdm
 
 from dpeft.config import PeftConfig
 from dpeft.methods import get_method
+from dpeft.methods.hooks import ModelHooks
 from dpeft.model.layer import AdaptedLayer, ForwardContext
+from dpeft.model.model_hooks import add_extra_losses, check_new_adapter, exported, make_hooks
 from dpeft.model.modules_to_save import ModulesToSaveWrapper
+from dpeft.model.prompt import add_prompt_adapter, check_combination, is_prompt_model, remove_prompt_adapter
 from dpeft.model.targets import is_target, resolve_target_modules
 from dpeft.quant import get_handler, is_bnb_layer, quantized_handler, supported_layer_types
 from dpeft.quant.merge import base_quantization, check_quantized_merge, dequantize_model, record_quantized_merge
-from dpeft.store import AdapterStore
+from dpeft.store import AdapterStore, Entry, detach_holders
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -57,7 +60,11 @@ class AdapterModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, PeftConfig] = {}
         self.store = AdapterStore()
+        self.model_hooks: dict[str, ModelHooks] = {}  # adapter -> its method's model-level hooks, where it has them
         self.ctx = ForwardContext()
+        # Prompt-learning adapters (which adapt no layer): adapter -> (its PromptEncoder, its store entry).
+        self.prompt_encoders: dict[str, tuple] = {}
+        self.prompts_disabled = False
         self.autocast_adapter_dtype = autocast_adapter_dtype
         self.active_adapter: str | list[str] = adapter_name
         self.inject_adapter(adapter_name, peft_config[adapter_name], init=init)
@@ -69,10 +76,11 @@ class AdapterModel(nn.Module):
         except AttributeError:
             if name == "model":
                 raise
-            return getattr(self.model, name)
+            hook = exported(self.__dict__.get("model_hooks", {}), name)  # model methods a method contributes
+            return hook if hook is not None else getattr(self.model, name)
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        return add_extra_losses(self.model(*args, **kwargs), self.model_hooks)
 
     # ------------------------------------------------------------------ iteration
     def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -99,14 +107,25 @@ class AdapterModel(nn.Module):
         resolve_target_modules(config, self.model)
         self.peft_config[adapter_name] = config
         try:
+            check_new_adapter(self.peft_config, config)
             self._inject(adapter_name, config, method, init)
+            hooks = make_hooks(self, adapter_name, config)
+            if hooks is not None:
+                self.model_hooks[adapter_name] = hooks
         except BaseException:
             self.delete_adapter(adapter_name, _rollback=True)
             raise
 
     def _inject(self, adapter_name: str, config: PeftConfig, method, init: bool) -> None:
+        check_combination(self, adapter_name, config)
+        if method.make_encoder is not None:  # prompt learning: virtual tokens in the input, no layer adapted
+            add_prompt_adapter(self, adapter_name, config, method, init)
+            self._add_modules_to_save(adapter_name, config)
+            self._mark_trainable(adapter_name, config)
+            return
         matched, unsupported = 0, []
         targets = [(n, m) for n, m in self.model.named_modules() if n and is_target(config, n)]
+        shared = self._declare_shared(adapter_name, config, method, targets, init)
         for name, module in targets:
             if isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
                 layer = module
@@ -135,8 +154,10 @@ class AdapterModel(nn.Module):
             entry = self.store.declare(
                 layer, name, adapter_name, method_layer.specs, device=layer.handler.device, dtype=dtype, init=init
             )
-            if init:
-                method_layer.after_allocation(entry.params)
+            if shared is not None:
+                self.store.link(entry, shared, layer)
+            if init:  # sees the shared tensors too (VBLoRA draws its bank per layer, in PEFT's order)
+                method_layer.after_allocation(self.store.get(entry) if shared is not None else entry.params)
             layer.add(adapter_name, method_layer, entry)
             matched += 1
         if unsupported and not matched:
@@ -152,6 +173,26 @@ class AdapterModel(nn.Module):
             )
         self._add_modules_to_save(adapter_name, config)
         self._mark_trainable(adapter_name, config)
+
+    def _declare_shared(self, adapter_name: str, config: PeftConfig, method, targets, init: bool) -> Entry | None:
+        """Declare the method's model-level tensors of this adapter (registered on this module, as PEFT keeps them on
+        its tuner), sized from the handlers of all targeted layers; None for methods without shared tensors."""
+        if method.shared_specs is None:
+            return None
+        handlers = {}
+        for name, module in targets:
+            if isinstance(module, AdaptedLayer):
+                handlers[name] = module.handler
+            elif not isinstance(module, ModulesToSaveWrapper) and not _inside_wrapper(self.model, name):
+                handler = get_handler(module)
+                if handler is not None:
+                    handlers[name] = handler
+        specs = method.shared_specs(config, handlers) if handlers else []
+        if not specs:
+            return None
+        first = next(iter(handlers.values()))
+        dtype = _adapter_dtype(first.dtype, self.autocast_adapter_dtype)
+        return self.store.declare(self, "", adapter_name, specs, device=first.device, dtype=dtype, init=init, shared=True)
 
     def _add_modules_to_save(self, adapter_name: str, config: PeftConfig) -> None:
         names = getattr(config, "modules_to_save", None) or []
@@ -224,6 +265,9 @@ class AdapterModel(nn.Module):
                     parent, child, module.base_layer if isinstance(module, AdaptedLayer) else module.original_module
                 )
         self.store.remove(adapter_name)
+        self.model_hooks.pop(adapter_name, None)
+        remove_prompt_adapter(self, adapter_name)
+        detach_holders(self, adapter_name)  # model-level (shared) tensors
         if not _rollback and adapter_name in self.active_adapters:
             # As in PEFT: the other active adapters stay active; with none left, the first remaining one is.
             remaining = [a for a in self.active_adapters if a != adapter_name] or list(self.peft_config)[:1]
@@ -231,14 +275,22 @@ class AdapterModel(nn.Module):
             self.set_adapter(remaining[0] if len(remaining) == 1 else remaining)
 
     def enable_adapter_layers(self) -> None:
+        self.prompts_disabled = False
         for _, module in self._wrappers():
             module.disable_adapters = False
 
     def disable_adapter_layers(self) -> None:
+        self.prompts_disabled = True
         for _, module in self._wrappers():
             module.disable_adapters = True
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        _refuse_prompt_merge(self)
+        if self.store.backend == "fsdp2":
+            raise ValueError(
+                "merge_adapter (merge in place, keep training) is not available under the fsdp2 backend: FSDP2 "
+                "re-gathers the unmerged shards at every forward. Use merge_and_unload(), which unwraps the model."
+            )
         for _, layer in self.adapted_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -255,6 +307,10 @@ class AdapterModel(nn.Module):
         quantized_merge: str = "requantize",
     ) -> nn.Module:
         check_quantized_merge(quantized_merge)
+        if merge:
+            _refuse_prompt_merge(self)
+            # A backend that wraps the whole model (fsdp2) gives it back with full weights on every rank first.
+            self.store.localize()
         quantization = base_quantization(self.model) if merge else None
         dequantize = merge and quantized_merge == "dequantize"
         wrappers = list(self._wrappers())
@@ -271,7 +327,10 @@ class AdapterModel(nn.Module):
                 setattr(parent, child, module.modules_to_save[active] if active else module.original_module)
         for name in list(self.peft_config):
             self.store.remove(name)
+            detach_holders(self, name)
+        self.prompt_encoders.clear()
         self.peft_config.clear()
+        self.model_hooks.clear()
         if dequantize:
             dequantize_model(self.model)
         if quantization is not None:
@@ -305,6 +364,14 @@ def _replace_base_layer(layer: AdaptedLayer, base_layer: nn.Module) -> None:
     layer.base_layer, layer.handler = base_layer, handler
     for method in layer.methods.values():
         method.handler = handler
+
+
+def _refuse_prompt_merge(tuner: AdapterModel) -> None:
+    if is_prompt_model(tuner):
+        raise ValueError(
+            "prompt-learning adapters (virtual tokens) cannot be merged into the base weights; keep the PeftModel "
+            "for inference, or use unload() to get the base model back without them"
+        )
 
 
 def _inside_wrapper(model: nn.Module, name: str) -> bool:

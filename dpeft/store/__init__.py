@@ -2,12 +2,13 @@
 
 from dpeft.store.peft_io import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter_weights, save_adapter_weights
 from dpeft.store.spec import ADAPTER, ParamSpec
-from dpeft.store.store import PEFT_PREFIX, AdapterStore, Entry, detach_holders
+from dpeft.store.store import PEFT_PREFIX, SHARED_PREFIX, AdapterStore, Entry, detach_holders
 
 __all__ = [
     "ADAPTER",
     "PEFT_PREFIX",
     "SAFETENSORS_WEIGHTS_NAME",
+    "SHARED_PREFIX",
     "WEIGHTS_NAME",
     "AdapterStore",
     "Entry",

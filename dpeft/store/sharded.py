@@ -305,10 +305,11 @@ class ShardedBackend:
 
     # ---------------------------------------------------------------- state
     @torch.no_grad()
-    def full_tensor(self, entry, name: str) -> torch.Tensor:
-        """The full value of one sharded tensor (a collective: every rank must call it)."""
+    def full_tensor(self, entry, name: str, local: torch.Tensor | None = None) -> torch.Tensor:
+        """The full value of one sharded tensor, or of `local` shaped like its shard (a collective: every rank
+        must call it)."""
         layout = self.layout(entry, name)
-        shard = entry.params[name].detach()
+        shard = (entry.params[name] if local is None else local).detach()
         local = torch.zeros(layout.padded_numel, dtype=shard.dtype, device=shard.device)
         local[: shard.numel()].copy_(shard.reshape(-1))
         out = torch.empty(self.world * layout.padded_numel, dtype=shard.dtype, device=shard.device)

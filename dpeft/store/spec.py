@@ -24,6 +24,12 @@ class ParamSpec:
         trainable: Whether the optimizer updates it.
         dtype: Its dtype; ``None`` means float32 for float bases in half precision, else the base dtype.
         saved: The saved-key suffix when PEFT's differs from the path without the adapter segment.
+        buffer: PEFT keeps it as a buffer (e.g. VeRA's frozen random projections): the store registers a frozen
+            parameter, which `get_nb_trainable_parameters` leaves out of its counts as PEFT does.
+        persistent: False for a tensor that is neither saved nor loaded (PEFT's non-persistent buffers); it is
+            always initialised by `init`, also when a checkpoint load fills the other tensors.
+        layer_copies: For a shared (model-level) tensor: PEFT also saves it under every layer that uses it
+            (RandLoRA), so those keys are written and read too (one tensor; loading copies each key into it).
     """
 
     name: str
@@ -33,6 +39,9 @@ class ParamSpec:
     trainable: bool = True
     dtype: torch.dtype | None = None
     saved: str | None = None
+    buffer: bool = False
+    persistent: bool = True
+    layer_copies: bool = False
 
     def __post_init__(self) -> None:
         assert ADAPTER in self.path, f"ParamSpec {self.name}: path {self.path} must contain ADAPTER"

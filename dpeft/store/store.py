@@ -12,9 +12,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dpeft.store.fsdp_view import full_value, load_full_into
+from dpeft.store.integrity import verify_full_state
 from dpeft.store.spec import ParamSpec
 
 PEFT_PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."
+"""Saved-key prefix of model-level (shared) tensors: PEFT keeps them on the tuner, e.g. ``base_model.vera_A``."""
 
 
 class _Holder(nn.ModuleDict):
@@ -34,8 +38,16 @@ class Entry:
     owner: nn.Module | None = field(default=None, repr=False)
     #: True once the sharded backend holds only this rank's shard of each tensor in `params`.
     sharded: bool = False
+    #: True for a model-level entry shared by every layer of the adapter (``declare(..., shared=True)``).
+    shared: bool = False
+    #: The shared entry whose tensors this layer's entry also sees in `AdapterStore.get` (see `link`).
+    link: Entry | None = field(default=None, repr=False)
+    #: Further modules the tensors are registered under (layers that see a shared entry, as PEFT registers them).
+    aliases: list[nn.Module] = field(default_factory=list, repr=False)
 
     def peft_key(self, name: str) -> str:
+        if self.shared:
+            return f"{SHARED_PREFIX}{self.specs[name].save_suffix}"
         return f"{PEFT_PREFIX}{self.module_name}.{self.specs[name].save_suffix}"
 
 
@@ -51,6 +63,8 @@ class AdapterStore:
             raise ValueError(f"store backend {backend!r} is not available; available: 'local'")
         self.backend = backend
         self._sharded = None  # the ShardedBackend once `shard()` ran
+        self._fsdp = None  # the FsdpView once dpeft.dist.fsdp.apply_fsdp wrapped the model (the fsdp2 backend)
+        self._deepspeed = None  # the DeepSpeedView once dpeft.dist.deepspeed.apply_deepspeed wrapped the model
         self._replicated: set[int] = set()  # adopted entries whose gradients the sharded backend averages
         self._entries: dict[str, list[Entry]] = {}
         self._by_key: dict[str, dict[str, tuple[Entry, str]]] = {}
@@ -66,15 +80,19 @@ class AdapterStore:
         device: torch.device | str | None,
         dtype: torch.dtype,
         init: bool = True,
+        shared: bool = False,
     ) -> Entry:
         """Allocate the tensors of `specs` for `adapter`, registered under `owner` at PEFT's module paths.
 
-        With ``init=False`` the tensors are left uninitialised, for a caller that loads every one of them next.
+        With ``init=False`` the tensors are left uninitialised, for a caller that loads every one of them next
+        (non-persistent tensors, which no checkpoint holds, are initialised all the same). ``shared=True`` declares
+        a model-level entry (`owner` is the tuner, saved keys are ``base_model.<path>``); `link` gives its tensors to
+        the layers that use them.
         """
-        entry = Entry(adapter, module_name, {s.name: s for s in specs}, owner=owner)
+        entry = Entry(adapter, module_name, {s.name: s for s in specs}, owner=owner, shared=shared)
         for spec in entry.specs.values():
             tensor = torch.empty(spec.shape, device=device, dtype=spec.dtype or dtype)
-            if init:
+            if init or not spec.persistent:
                 with torch.no_grad():
                     if spec.init is None:
                         tensor.zero_()
@@ -85,6 +103,23 @@ class AdapterStore:
             entry.params[spec.name] = param
         self._add(entry)
         return entry
+
+    def link(self, entry: Entry, shared: Entry, owner: nn.Module) -> None:
+        """Let `entry` (one layer's tensors) see the tensors of the model-level entry `shared` in `get`.
+
+        The shared tensors are also registered under `owner` (the layer) at their module paths, the way HF PEFT's
+        layers hold references to the tuner's shared dicts, so module paths and `state_dict` keys match PEFT's.
+        They stay one tensor, saved once under the shared key.
+        """
+        assert shared.shared and not set(shared.specs) & set(entry.specs), "shared and layer names must differ"
+        entry.link = shared
+        keys = self._by_key.setdefault(entry.adapter, {})
+        for name, param in shared.params.items():
+            spec = shared.specs[name]
+            _attach(owner, spec.module_path(shared.adapter), param)
+            if spec.layer_copies and spec.persistent:
+                keys[f"{PEFT_PREFIX}{entry.module_name}.{spec.save_suffix}"] = (shared, name)
+        shared.aliases.append(owner)
 
     def adopt(self, module_name: str, adapter: str, params: dict[str, tuple[nn.Parameter, str]]) -> Entry:
         """Take existing parameters (e.g. a copied head in `modules_to_save`) under the store's keys.
@@ -101,7 +136,9 @@ class AdapterStore:
 
     def _add(self, entry: Entry) -> None:
         keys = self._by_key.setdefault(entry.adapter, {})
-        for name in entry.specs:
+        for name, spec in entry.specs.items():
+            if not spec.persistent:
+                continue  # neither saved nor loaded
             key = entry.peft_key(name)
             assert key not in keys, f"duplicate adapter key {key} for adapter {entry.adapter}"
             keys[key] = (entry, name)
@@ -109,23 +146,89 @@ class AdapterStore:
 
     def remove(self, adapter: str) -> None:
         """Forget every tensor of `adapter` (the caller detaches the modules that held them)."""
-        self._entries.pop(adapter, None)
+        removed = self._entries.pop(adapter, [])
         self._by_key.pop(adapter, None)
         if self._sharded is not None:
             self._sharded.forget(adapter)
+        if self._fsdp is not None:
+            for entry in removed:
+                self._fsdp.forget(entry)
 
     # ---------------------------------------------------------------- forward
     def get(self, entry: Entry) -> dict[str, torch.Tensor]:
         """The full logical tensors of `entry`, differentiable; the hot path of every method layer.
 
         Under the sharded backend this gathers the entry's bucket (a collective: every rank runs the same forward).
+        A layer entry linked to a shared entry gets the shared tensors too, under their own names.
         """
-        return self._sharded.get(entry) if entry.sharded else entry.params
+        if entry.sharded:
+            own = self._sharded.get(entry)
+        else:  # under fsdp2: the tensors FSDP2 registered now (unsharded inside a wrapped module's forward)
+            own = entry.params if self._fsdp is None else self._fsdp.get(entry)
+        return own if entry.link is None else {**own, **self.get(entry.link)}
+
+    def gather(self, entry: Entry, name: str, local: torch.Tensor | None = None) -> torch.Tensor:
+        """The full (logical) value of tensor `name` of `entry`, detached; or, given `local`, the full tensor of
+        which `local` is this rank's part, shaped like that tensor's local parameter (its gradient, or a statistic
+        kept per element). Under the sharded backend this is a collective that every rank must join."""
+        if self._deepspeed is not None and local is None:
+            return self._deepspeed.full_tensor(entry.params[name])
+        if not entry.sharded:
+            return full_value(entry.params[name] if local is None else local)  # DTensor under fsdp2: gathered
+        return self._sharded.full_tensor(entry, name, local)
+
+    def write(self, entry: Entry, name: str, value: torch.Tensor) -> None:
+        """Set tensor `name` of `entry` from its full (logical) value; each rank keeps its own part."""
+        with torch.no_grad():
+            if entry.sharded:
+                self._sharded.load_full(entry, name, value)
+            elif self._deepspeed is not None:
+                self._deepspeed.load_full(entry.params[name], value)
+            else:
+                load_full_into(entry.params[name], value)
 
     @property
     def collective(self) -> bool:
         """Whether reading full tensors (`get`, `state_dict`) is a collective that every rank must join."""
-        return self._sharded is not None
+        return self._sharded is not None or self._fsdp is not None or self._deepspeed is not None
+
+    def use_deepspeed(self, view) -> None:
+        """Switch to the deepspeed backend: `view` (a `DeepSpeedView`, made by `dpeft.dist.deepspeed`) reads and
+        writes the tensors DeepSpeed ZeRO partitions; the entries' params are DeepSpeed's parameters."""
+        if self._sharded is not None or self._fsdp is not None:
+            raise ValueError(f"this store already uses the {self.backend!r} backend; build the model again")
+        self._deepspeed = view
+        self.backend = "deepspeed"
+
+    def load_sharded(self, state: dict[str, torch.Tensor]) -> None:
+        """Write back tensors read into `sharded_state_dict()`'s layout where that layout holds copies (deepspeed:
+        rows cut from ZeRO's flat partitions); a no-op where it holds the tensors themselves."""
+        if self._deepspeed is None:
+            return
+        for adapter, keys in self._by_key.items():
+            for key, (entry, name) in keys.items():
+                tensor = state.get(f"adapter/{adapter}/{key}")
+                if tensor is not None:
+                    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+                    self._deepspeed.load_rows(entry.params[name], local, tuple(entry.specs[name].shape))
+
+    def use_fsdp(self, view) -> None:
+        """Switch to the fsdp2 backend: `view` (an `FsdpView`, made by `dpeft.dist.fsdp.apply_fsdp`) says where
+        FSDP2 registered each entry's tensors; the entries' params are its sharded `DTensor` parameters."""
+        if self._sharded is not None:
+            raise ValueError("this store is already sharded by the 'sharded' backend; build the model again for fsdp2")
+        self._fsdp = view
+        self.backend = "fsdp2"
+
+    def localize(self) -> None:
+        """Make the tensors full local parameters again where a backend wrapped the whole model (fsdp2): the model
+        is unwrapped and every rank holds full values (a collective). A no-op for the other backends."""
+        if self._fsdp is None:
+            return
+        self._fsdp.localize()
+        self._fsdp.repoint([e for entries in self._entries.values() for e in entries])
+        self._fsdp = None
+        self.backend = "local"
 
     # ---------------------------------------------------------------- backends
     def shard(self, group=None, bucket_of: Callable[[Entry], int] | None = None) -> None:
@@ -171,6 +274,10 @@ class AdapterStore:
         for adapter, keys in self._by_key.items():
             for key, (entry, name) in keys.items():
                 sharded = entry.sharded
+                if self._deepspeed is not None:  # rows cut from ZeRO's partitions (see `load_sharded`)
+                    param, shape = entry.params[name], tuple(entry.specs[name].shape)
+                    out[f"adapter/{adapter}/{key}"] = self._deepspeed.dtensor(param, shape)
+                    continue
                 out[f"adapter/{adapter}/{key}"] = (
                     self._sharded.dtensor(entry, name) if sharded else entry.params[name].detach()
                 )
@@ -201,6 +308,16 @@ class AdapterStore:
             for entry in self._entries.get(name, []):
                 yield from entry.params.values()
 
+    def buffer_ids(self) -> set[int]:
+        """ids of the tensors PEFT keeps as buffers (`ParamSpec.buffer`), which parameter counts leave out."""
+        return {
+            id(entry.params[name])
+            for entries in self._entries.values()
+            for entry in entries
+            for name, spec in entry.specs.items()
+            if spec.buffer
+        }
+
     def set_requires_grad(self, adapter: str, requires_grad: bool) -> None:
         for entry in self._entries.get(adapter, []):
             for name, param in entry.params.items():
@@ -210,10 +327,32 @@ class AdapterStore:
     def state_dict(self, adapter: str) -> dict[str, torch.Tensor]:
         """Full tensors of `adapter` under PEFT's saved key names (adapter name stripped)."""
         self._require(adapter)
+        state, seen = {}, set()
+        for key, (entry, name) in self._by_key[adapter].items():
+            tensor = self._sharded.full_tensor(entry, name) if entry.sharded else self._full(entry.params[name])
+            # A shared tensor saved once per layer too (`ParamSpec.layer_copies`): files cannot hold one tensor twice.
+            ptr = (tensor.device, tensor.untyped_storage().data_ptr())
+            state[key] = tensor.clone() if ptr in seen and tensor.numel() else tensor
+            seen.add(ptr)
+        # Nothing leaves the store unchecked: every save path (save_pretrained, merge, export) starts here.
+        verify_full_state(adapter, state, self._live(adapter))
+        return state
+
+    def _live(self, adapter: str) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
+        """PEFT key -> (logical shape, the tensor as this rank holds it: full, shard `DTensor` or `DTensor`)."""
         return {
-            key: self._sharded.full_tensor(entry, name) if entry.sharded else entry.params[name].detach()
+            key: (
+                tuple(entry.specs[name].shape),
+                self._sharded.dtensor(entry, name) if entry.sharded else self._held(entry.params[name]),
+            )
             for key, (entry, name) in self._by_key[adapter].items()
         }
+
+    def _full(self, param: nn.Parameter) -> torch.Tensor:
+        return full_value(param) if self._deepspeed is None else self._deepspeed.full_tensor(param)
+
+    def _held(self, param: nn.Parameter) -> torch.Tensor:
+        return param.detach() if self._deepspeed is None else self._deepspeed.live(param)
 
     def check_state_dict(self, adapter: str, state_dict: dict[str, torch.Tensor], *, strict: bool = True) -> None:
         """Raise `ValueError` naming each key or shape of `state_dict` that does not fit `adapter`."""
@@ -255,6 +394,12 @@ class AdapterStore:
                 param = entry.params[name]
                 if entry.sharded:
                     self._sharded.load_full(entry, name, tensor)
+                    continue
+                if self._fsdp is not None:
+                    load_full_into(param, tensor)
+                    continue
+                if self._deepspeed is not None:
+                    self._deepspeed.load_full(param, tensor)
                     continue
                 if assign and tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
                     param.data = tensor  # adopt the freshly read buffer: no second copy
@@ -306,8 +451,10 @@ assert not any(v for v in _HOLDER_STATE.values() if isinstance(v, (dict, set))),
 
 
 def _reattach(entry: Entry, name: str, param: nn.Parameter) -> None:
-    """Register `param` (a shard) where `entry`'s tensor `name` was registered."""
-    _attach(entry.owner, entry.specs[name].module_path(entry.adapter), param)
+    """Register `param` (a shard) where `entry`'s tensor `name` was registered (and where it is aliased)."""
+    path = entry.specs[name].module_path(entry.adapter)
+    for owner in [entry.owner, *entry.aliases]:
+        _attach(owner, path, param)
 
 
 def detach_holders(owner: nn.Module, adapter: str) -> None:

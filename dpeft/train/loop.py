@@ -54,9 +54,14 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Ten
     )
 
 
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a gradient (the local shard of an fsdp2 `DTensor` gradient; in-place ops reach it)."""
+    return grad.to_local() if hasattr(grad, "to_local") else grad
+
+
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float, sharded: bool, all_reduce_mean, world: int) -> float:
     """Clip the global gradient norm; with sharded gradients each rank holds a disjoint part of the sum."""
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [_local(p.grad) for p in params if p.grad is not None]
     sq = float(sum(g.detach().float().pow(2).sum() for g in grads)) if grads else 0.0
     if sharded and world > 1:
         sq = all_reduce_mean(sq) * world

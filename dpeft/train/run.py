@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -66,12 +67,21 @@ class _MetricsLog:
             self.file.close()
 
 
-def run(cfg: RunConfig | str | os.PathLike, overrides: list[str] | None = None) -> RunResult:
+def run(
+    cfg: RunConfig | str | os.PathLike,
+    overrides: list[str] | None = None,
+    on_report: Callable[[dict, str | None], None] | None = None,
+) -> RunResult:
     """Train as `cfg` says, in one process or as one rank of a torchrun/Ray job, and return what happened.
 
     Args:
         cfg: A `RunConfig`, or the path of a YAML run config.
         overrides: Dotted ``section.field=value`` overrides applied to a YAML path.
+        on_report: Called on every rank as ``on_report(metrics, checkpoint_dir)`` after each step that logs,
+            evaluates or saves (``metrics`` is what metrics.jsonl gets for that step, validation metrics under
+            ``"validation"``; ``checkpoint_dir`` the step directory saved at that step, else None), and once at the
+            end with the closing record. Every rank makes the same calls, so it may run collectives (Ray's
+            `ray.train.report` is one).
     """
     if not isinstance(cfg, RunConfig):
         cfg = load_run_config(cfg, overrides)
@@ -80,6 +90,7 @@ def run(cfg: RunConfig | str | os.PathLike, overrides: list[str] | None = None) 
         torch.set_num_threads(cfg.train.threads)
     info = init_distributed(cfg.train.device)
     trainer = _Trainer(cfg, info)
+    trainer.on_report = on_report
     try:
         return trainer.fit()
     finally:
@@ -89,6 +100,7 @@ def run(cfg: RunConfig | str | os.PathLike, overrides: list[str] | None = None) 
 class _Trainer:
     def __init__(self, cfg: RunConfig, info: DistInfo) -> None:
         self.cfg, self.info = cfg, info
+        self.on_report: Callable[[dict, str | None], None] | None = None
         self.world, self.rank = info.world_size, info.rank
         self.main = info.rank == 0
         self.backend = resolve_backend(cfg.store.backend, info.world_size)
@@ -175,7 +187,7 @@ class _Trainer:
             from dpeft.dist import all_reduce_grads
 
             all_reduce_grads(self.params)
-        sharded = self.backend == "sharded" and self.world > 1
+        sharded = self.backend in ("sharded", "fsdp2") and self.world > 1  # each rank holds part of the grads
         if self.scaler.unscale(self.params, sharded, all_reduce_mean, self.world):
             if self.cfg.optim.max_grad_norm is not None:
                 clip_grad_norm(self.params, self.cfg.optim.max_grad_norm, sharded, all_reduce_mean, self.world)
@@ -227,14 +239,20 @@ class _Trainer:
             rate = units / max(elapsed, 1e-9)
             bar.set_postfix({"loss": f"{loss:.4f}", f"{self.unit}/s": f"{rate:.0f}"}, refresh=False)
             bar.update(1)
+            record, saved = {}, None
             if t.log_every and ((step + 1) % t.log_every == 0 or step + 1 == t.steps):
                 lr = lr_at(step, t.steps, cfg.optim)
-                self.log.write({"step": step + 1, "loss": loss, "lr": lr, f"{self.unit}_per_s": rate})
+                record = {"step": step + 1, "loss": loss, "lr": lr, f"{self.unit}_per_s": rate}
+                self.log.write(record)
             if t.eval_every and (step + 1) % t.eval_every == 0:
                 after, evaluated_at = self.evaluate(), step + 1
                 self._report(f"validation at step {step + 1}", after, step + 1)
+                record = {**record, "validation": after}
             if cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0:
-                checkpoints.append(self._save(step + 1))
+                saved = self._save(step + 1)
+                checkpoints.append(saved)
+            if self.on_report is not None and (record or saved):
+                self.on_report({**record, "step": step + 1}, saved)
         bar.close()
         if evaluated_at != t.steps:
             after = self.evaluate()
@@ -255,15 +273,16 @@ class _Trainer:
             adapter_dir,
             checkpoints,
         )
-        self.log.write(
-            {
-                "event": "end",
-                "step": t.steps,
-                "wall_time": result.wall_time,
-                f"{self.unit}_per_s": result.throughput,
-                "validation": after,
-            }
-        )
+        end = {
+            "event": "end",
+            "step": t.steps,
+            "wall_time": result.wall_time,
+            f"{self.unit}_per_s": result.throughput,
+            "validation": after,
+        }
+        self.log.write(end)
+        if self.on_report is not None:
+            self.on_report(end, None)
         return result
 
     def _report(self, what: str, metrics: dict[str, float], step: int) -> None:

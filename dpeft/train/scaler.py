@@ -33,7 +33,8 @@ class LossScaler:
         """Divide gradients by the scale; returns False (and halves the scale) when any rank saw inf/nan."""
         if not self.enabled:
             return True
-        grads = [p.grad for p in params if p.grad is not None]
+        # This rank's part of each gradient (the local shard of an fsdp2 DTensor gradient).
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
         bad = float(not all(bool(torch.isfinite(g).all()) for g in grads))
         if world > 1:
             bad = all_reduce_mean(bad)

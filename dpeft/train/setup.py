@@ -64,6 +64,35 @@ def build_peft_model(model: nn.Module, cfg: RunConfig, backend: str, info: DistI
     peft.setdefault("task_type", _TASK_TYPES[cfg.model.task])
     torch.manual_seed(cfg.train.seed)
     peft_model = get_peft_model(model, get_peft_config(peft))
+    hooks = [h for h in peft_model.base_model.model_hooks.values() if h.adds_training_steps]
+    if hooks:  # model-level steps (an extra loss, a per-step update) this loop does not run: refuse, never ignore
+        exports = sorted({name for h in hooks for name in h.exports})
+        raise ValueError(
+            f"peft_type {peft_model.peft_config['default'].peft_type!r} adds model-level training steps (extra loss "
+            f"terms, per-step {exports}) that dpeft.train.run does not run; train it in your own loop "
+            "(see docs/adding_a_method.md, 'Model-level hooks')"
+        )
     if backend == "sharded" and info.world_size > 1:
         peft_model.store.shard(info.group)
+    if backend == "fsdp2" and info.world_size > 1:
+        _wrap_fsdp(peft_model, cfg, info)
     return peft_model
+
+
+def _wrap_fsdp(peft_model: nn.Module, cfg: RunConfig, info: DistInfo) -> None:
+    """FSDP2 over the data-parallel group with the run's mixed-precision, offload and reshard options."""
+    from dpeft.dist.fsdp import apply_fsdp, default_mesh, mixed_precision
+
+    store = cfg.store
+    offload = None
+    if store.fsdp_cpu_offload and info.device.type == "cuda":  # on a CPU run everything is on the CPU already
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        offload = CPUOffloadPolicy()
+    apply_fsdp(
+        peft_model,
+        default_mesh(info.group),
+        mp_policy=mixed_precision(store.fsdp_param_dtype, store.fsdp_reduce_dtype),
+        offload_policy=offload,
+        reshard_after_forward=store.fsdp_reshard_after_forward,
+    )

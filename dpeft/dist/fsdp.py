@@ -1,0 +1,143 @@
+"""FSDP2 for a dpeft model: `apply_fsdp` shards base and adapter tensors together, block by block.
+
+Each transformer block is one `fully_shard` group (its base weights and the adapter tensors of its layers are
+all-gathered in one collective before the block's forward and reduce-scattered after its backward), then the root
+module takes the rest (embeddings, final norm, head, and adapters on them). Adapter tensors become `DTensor`s on
+the same mesh as the base weights; the store switches to its `fsdp2` backend, which reads them where FSDP2
+registers them (see `dpeft.store.fsdp_view`). `unwrap_fsdp` undoes the wrapping with full values on every rank,
+which is how `merge_and_unload` merges under FSDP2.
+
+Works on CPU (gloo) and CUDA (nccl); the device mesh is 1-D over the data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dpeft.store.fsdp_view import FsdpView, locate_parameters
+from dpeft.store.sharded import block_index
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _tuner(model: nn.Module):
+    tuner = getattr(model, "base_model", model)
+    if not hasattr(tuner, "store"):
+        raise TypeError(f"{type(model).__name__} has no dpeft adapters; build it with dpeft.get_peft_model first")
+    return tuner
+
+
+def default_mesh(group=None):
+    """A 1-D device mesh named ``("dp",)`` over `group` (default: every rank), on CUDA under nccl, else CPU."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not dist.is_initialized():
+        raise ValueError("apply_fsdp needs a process group; call dpeft.dist.init_distributed() first (torchrun)")
+    group = group if group is not None else dist.group.WORLD
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    return DeviceMesh.from_group(group, device, mesh_dim_names=("dp",))
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost repeated blocks of `model` (``model.layers.3``, ``transformer.h.0``, ...), in order."""
+    blocks = []
+    for name, module in model.named_modules():
+        head, _, last = name.rpartition(".")
+        if last.isdigit() and block_index(name + ".x") >= 0 and block_index(head) < 0:
+            blocks.append(module)
+    return blocks
+
+
+def mixed_precision(param_dtype: str | None, reduce_dtype: str | None):
+    """FSDP2's `MixedPrecisionPolicy` from dtype names (None: the parameters' own dtype), or None if both None."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    for name in (param_dtype, reduce_dtype):
+        if name is not None and name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r} for FSDP2 mixed precision; use one of {sorted(_DTYPES)}")
+    if param_dtype is None and reduce_dtype is None:
+        return None
+    return MixedPrecisionPolicy(
+        param_dtype=_DTYPES.get(param_dtype), reduce_dtype=_DTYPES.get(reduce_dtype), cast_forward_inputs=True
+    )
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh=None,
+    *,
+    mp_policy=None,
+    offload_policy=None,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
+    """Shard `model` (a dpeft `PeftModel`) with FSDP2 in place: each transformer block, then the root.
+
+    Args:
+        model: The `PeftModel` (or its `base_model`); its store must still be on the ``local`` backend.
+        mesh: A 1-D `DeviceMesh` over the data-parallel ranks (default: `default_mesh()`).
+        mp_policy: A `torch.distributed.fsdp.MixedPrecisionPolicy` (see `mixed_precision`), or None.
+        offload_policy: A `torch.distributed.fsdp.CPUOffloadPolicy` (CUDA runs; parameters, gradients and optimizer
+            state stay on the CPU), or None.
+        reshard_after_forward: Free each block's unsharded parameters after its forward (re-gather in backward):
+            less memory, one more all-gather per block.
+
+    Returns:
+        `model`, wrapped; ``model.store.backend`` is ``"fsdp2"`` and the optimizer must be built after this call,
+        on ``model.store.optimizer_parameters()`` (the sharded `DTensor` parameters).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    tuner = _tuner(model)
+    store = tuner.store
+    if store.backend != "local":
+        raise ValueError(f"apply_fsdp needs a store on the 'local' backend; this one is {store.backend!r}")
+    mesh = mesh if mesh is not None else default_mesh()
+    if mesh.ndim != 1:
+        raise ValueError(f"apply_fsdp takes a 1-D data-parallel mesh; got a {mesh.ndim}-D one")
+    root = tuner.model
+    entries = [e for adapter in store.adapters for e in store.entries(adapter)]
+    before = locate_parameters(root)
+    kwargs = {
+        "mesh": mesh,
+        "reshard_after_forward": reshard_after_forward,
+        "mp_policy": mp_policy or MixedPrecisionPolicy(),
+        "offload_policy": offload_policy or OffloadPolicy(),
+    }
+    # Copies every rank's values from rank 0 first, as DDP and the sharded backend do: ranks may have
+    # initialised adapters (or heads) with different random draws.
+    for param in root.parameters():
+        dist.broadcast(param.data, src=dist.get_global_rank(mesh.get_group(), 0), group=mesh.get_group())
+    for block in transformer_blocks(root):
+        fully_shard(block, **kwargs)
+    fully_shard(root, **kwargs)
+    store.use_fsdp(FsdpView.after_wrap(entries, before, lambda: unwrap_fsdp(root)))
+    return model
+
+
+@torch.no_grad()
+def unwrap_fsdp(root: nn.Module) -> nn.Module:
+    """Undo `fully_shard` on `root` and its submodules: every parameter becomes a plain full `nn.Parameter` (the
+    same on every rank; a collective) and the modules lose FSDP2's hooks and class. Returns `root`."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    full: dict[int, nn.Parameter] = {}
+    for module in root.modules():  # the same order on every rank: the collectives line up
+        for leaf, param in list(module._parameters.items()):
+            if param is None or not hasattr(param, "full_tensor"):
+                continue
+            if id(param) not in full:
+                full[id(param)] = nn.Parameter(param.full_tensor().clone(), requires_grad=param.requires_grad)
+            module._parameters[leaf] = full[id(param)]
+    for module in list(root.modules()):
+        if isinstance(module, FSDPModule):
+            state = fully_shard.state(module)
+            state._pre_forward_hook_handle.remove()
+            state._post_forward_hook_handle.remove()
+            # FSDP2 puts its class first in the MRO: [FSDP<Orig>, FSDPModule, Orig, ...].
+            module.__class__ = next(c for c in type(module).__mro__[1:] if not issubclass(c, FSDPModule))
+    return root
+
+
+__all__ = ["apply_fsdp", "default_mesh", "mixed_precision", "transformer_blocks", "unwrap_fsdp"]

@@ -1,0 +1,16 @@
+"""VeRA: vector-based random matrix adaptation (Kopiczko et al., 2024)."""
+
+from dpeft.methods.registry import register_method
+from dpeft.methods.vera.config import VeraConfig
+from dpeft.methods.vera.layer import VeraLayer, shared_specs
+
+
+def _make_layer(handler, config: VeraConfig, module_name: str) -> VeraLayer | None:
+    return VeraLayer(handler, config, module_name) if handler.kind == "linear" else None
+
+
+register_method(
+    name="VERA", config_cls=VeraConfig, make_layer=_make_layer, prefix="vera_lambda_", shared_specs=shared_specs
+)
+
+__all__ = ["VeraConfig", "VeraLayer"]

@@ -1,0 +1,170 @@
+"""The fsdp2 store backend (`dpeft.dist.fsdp.apply_fsdp`) against one process, on 2 gloo CPU ranks.
+
+Every rank builds the same model twice: a local reference that sees the whole batch and an FSDP2-wrapped copy
+that sees its 1/W rows. Tolerances come from float32 summation order only (the loss of the halves averaged vs the
+whole batch's, and FSDP2's reduce-scatter averaging): 1e-5 on losses/logits of order 1-5, 1e-6 on gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+
+import pytest
+import torch
+from dist_utils import run_distributed
+from models import build
+from safetensors.torch import load_file
+
+import dpeft
+from dpeft.store.integrity import AdapterIntegrityError
+
+pytestmark = pytest.mark.dist
+
+CONFIGS = {
+    "lora": lambda: dpeft.LoraConfig(target_modules="all-linear", r=6, init_lora_weights=False),
+    "dora": lambda: dpeft.LoraConfig(
+        target_modules=["q_proj", "v_proj", "down_proj"], r=3, use_dora=True, init_lora_weights=False
+    ),
+    "ia3": lambda: dpeft.IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+    ),
+}
+
+
+def _loss(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _pair(config_name: str):
+    """(local reference, FSDP2-wrapped twin) with equal adapter values on every rank."""
+    from dpeft.dist.fsdp import apply_fsdp
+
+    base, _ = build("llama")
+    twin = copy.deepcopy(base)
+    torch.manual_seed(0)
+    local = dpeft.get_peft_model(base, CONFIGS[config_name]())
+    torch.manual_seed(0)
+    wrapped = apply_fsdp(dpeft.get_peft_model(twin, CONFIGS[config_name]()))
+    return local, wrapped
+
+
+def _parity(config_name: str) -> dict:
+    """Loss, gradients, full state dict, save_pretrained and merge_and_unload of FSDP2 vs the local model."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local, wrapped = _pair(config_name)
+    ids = torch.randint(0, 64, (2 * world, 8), generator=torch.Generator().manual_seed(7))
+    mine = ids.chunk(world)[rank]
+    ref = _loss(local, ids)
+    ref.backward()
+    out = _loss(wrapped, mine)
+    out.backward()
+    loss_mean = out.detach().clone()
+    dist.all_reduce(loss_mean)
+    loss_mean /= world
+    keys = wrapped.store.param_keys()
+    local_by_key = {local.store.param_keys()[id(p)][0]: p for p in local.store.parameters()}
+    grad_diff, all_dtensor = 0.0, True
+    for p in wrapped.store.optimizer_parameters():
+        all_dtensor &= isinstance(p, DTensor)
+        ref_p = local_by_key[keys[id(p)][0]]
+        grad = p.grad.full_tensor() if p.grad is not None else torch.zeros(p.shape)
+        grad_diff = max(grad_diff, (grad - ref_p.grad).abs().max().item())
+    with torch.no_grad():
+        logit_diff = (wrapped(input_ids=mine).logits - local(input_ids=mine).logits).abs().max().item()
+    full = wrapped.store.state_dict("default")
+    sd_diff = max((full[k] - v).abs().max().item() for k, v in local.store.state_dict("default").items())
+    with tempfile.TemporaryDirectory() as tmp:
+        wrapped.save_pretrained(tmp, is_main_process=rank == 0)
+        saved = load_file(os.path.join(tmp, "adapter_model.safetensors")) if rank == 0 else full
+    saved_diff = max((saved[k] - v).abs().max().item() for k, v in full.items())
+    merged = wrapped.merge_and_unload()
+    ref_merged = local.merge_and_unload()
+    with torch.no_grad():
+        merged_diff = (merged(input_ids=mine).logits - ref_merged(input_ids=mine).logits).abs().max().item()
+    ref_weights = ref_merged.state_dict()
+    weight_diff = max((t - ref_weights[k]).abs().max().item() for k, t in merged.state_dict().items())
+    return dict(
+        backend=wrapped.store.backend,
+        all_dtensor=all_dtensor,
+        n_params=len(keys),
+        loss_diff=abs(loss_mean.item() - ref.item()),
+        grad_diff=grad_diff,
+        logit_diff=logit_diff,
+        sd_diff=sd_diff,
+        saved_diff=saved_diff,
+        merged_diff=merged_diff,
+        weight_diff=weight_diff,
+        merged_plain=all(type(p) is torch.nn.Parameter for p in merged.parameters()),
+    )
+
+
+def _integrity() -> dict:
+    """A gather that loses a tensor (zeros), a NaN and a wrong shape are refused by save_pretrained; nothing is
+    written."""
+    import torch.distributed as dist
+
+    from dpeft.store import fsdp_view
+    from dpeft.store import store as store_module
+
+    rank = dist.get_rank()
+    _, wrapped = _pair("lora")
+    out = {}
+    real = store_module.full_value
+    corruptions = {
+        "zeros": lambda t: torch.zeros_like(t),
+        "nan": lambda t: t.clone().fill_(float("nan")),
+        "shape": lambda t: t.new_zeros(0),
+    }
+    for name, corrupt in corruptions.items():
+        hit = {"n": 0}
+
+        def bad_full(tensor, corrupt=corrupt, hit=hit):
+            value = real(tensor)
+            hit["n"] += 1
+            return corrupt(value) if hit["n"] == 3 else value  # one tensor of the adapter
+
+        store_module.full_value = bad_full
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                wrapped.save_pretrained(tmp, is_main_process=rank == 0)
+                out[name] = ("saved", os.listdir(tmp))
+            except AdapterIntegrityError as exc:
+                out[name] = (str(exc), os.listdir(tmp))
+            finally:
+                store_module.full_value = real
+    assert fsdp_view.full_value is real
+    return out
+
+
+def _all(names: list[str]) -> dict:
+    # One spawn for everything: starting ranks costs more than the checks.
+    return {**{name: _parity(name) for name in names}, "integrity": _integrity()}
+
+
+def test_fsdp2_equals_one_process_and_refuses_corrupt_saves():
+    names = list(CONFIGS)
+    per_rank = run_distributed(_all, 2, names)
+    for name in names:
+        for rank, r in enumerate(per_rank):
+            r = r[name]
+            assert r["backend"] == "local"  # merge_and_unload unwrapped the model
+            assert r["all_dtensor"] and r["n_params"] > 0, (name, rank, r)
+            assert r["loss_diff"] < 1e-5, (name, rank, r)
+            assert r["grad_diff"] < 1e-6, (name, rank, r)
+            assert r["logit_diff"] < 1e-5, (name, rank, r)
+            assert r["sd_diff"] == 0.0 and r["saved_diff"] == 0.0, (name, rank, r)
+            assert r["merged_diff"] < 1e-5 and r["weight_diff"] < 1e-6, (name, rank, r)
+            assert r["merged_plain"], (name, rank)
+    for r in per_rank:
+        found = r["integrity"]
+        assert "all zeros, but the model holds nonzero values" in found["zeros"][0], found
+        assert "non-finite" in found["nan"][0], found
+        assert "shape (0,), but its adapter config implies" in found["shape"][0], found
+        for message, written in found.values():
+            assert "base_model.model.model.layers.0" in message
+            assert written == [], found  # nothing was published

@@ -1,0 +1,146 @@
+"""OFT: the math against a hand-written reference, PEFT's config and layer rules, and the Conv2d form.
+
+The common checks (save/load, merge, disable, two adapters, mixed batch) and checkpoint interop both ways run for
+the `oft-*` rows of tests/cases.py; init, training and sharded parity in tests/test_methods_interop.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import assert_close, out, peft_config_of
+from models import build
+from torch import nn
+
+import dpeft
+
+peft = pytest.importorskip("peft")
+
+
+def _reference_rotation(vec: torch.Tensor, block: int, neumann: bool, terms: int) -> torch.Tensor:
+    """The full block-diagonal rotation from OFT's saved (r, b(b-1)/2) tensor, written out with loops."""
+    blocks = []
+    for row in vec:
+        s = torch.zeros(block, block)
+        k = 0
+        for i in range(block):
+            for j in range(i + 1, block):
+                s[i, j], s[j, i] = row[k], -row[k]
+                k += 1
+        eye = torch.eye(block)
+        if not neumann:
+            blocks.append((eye - s) @ torch.inverse(eye + s))
+            continue
+        # PEFT's series: I + 2S + 2S^2 + ... + 2S^(t-2) + S^(t-1) (t=2: I + 2S).
+        # With t=3 that is I + 2S + 2S^2 + S^3, as PEFT always adds 2S^2 before its last power.
+        coeffs = [1.0, 2.0][:terms] if terms <= 2 else [1.0] + [2.0] * max(2, terms - 2) + [1.0]
+        blocks.append(sum(c * torch.linalg.matrix_power(s, n) for n, c in enumerate(coeffs)))
+    return torch.block_diag(*blocks)
+
+
+@pytest.mark.parametrize(("neumann", "terms", "share"), [(True, 5, False), (True, 3, False), (False, 5, True)])
+def test_linear_matches_hand_written_reference(neumann, terms, share):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 7))
+    x = torch.randn(3, 12)
+    config = dpeft.OFTConfig(
+        target_modules=["0"],
+        oft_block_size=4,
+        init_weights=False,
+        use_cayley_neumann=neumann,
+        num_cayley_neumann_terms=terms,
+        block_share=share,
+    )
+    model = dpeft.get_peft_model(base, config).eval()
+    vec = dpeft.get_peft_model_state_dict(model)["base_model.model.0.oft_R.weight"]
+    assert vec.shape == ((1 if share else 3), 6)
+    rot = _reference_rotation(vec.repeat(3, 1) if share else vec, 4, neumann, terms)
+    layer = model.base_model.model[0].base_layer
+    weight = layer.weight.detach().clone()
+    expected = (x @ rot) @ layer.weight.T + layer.bias
+    assert_close(model(x), expected, atol=1e-6)
+    if not neumann:  # the exact Cayley transform is orthogonal
+        assert_close(rot @ rot.T, torch.eye(12), atol=1e-5)
+    merged = model.merge_and_unload()
+    assert_close(merged[0].weight, weight @ rot.T, atol=1e-6)
+
+
+def test_embedding_rotates_output_vectors():
+    torch.manual_seed(0)
+    base, kw = build("emb_conv1d")
+    emb_weight = base.emb.weight.detach().clone()
+    model = dpeft.get_peft_model(
+        base, dpeft.OFTConfig(target_modules=["emb"], r=1, oft_block_size=0, init_weights=False)
+    )
+    vec = dpeft.get_peft_model_state_dict(model)["base_model.model.emb.oft_embedding_R.weight"]
+    rot = _reference_rotation(vec, 5, True, 5)
+    assert_close(model.base_model.model.emb(kw["X"]), emb_weight[kw["X"]] @ rot, atol=1e-6)
+
+
+def test_conv2d_k3_uses_the_merged_form_and_starts_at_identity():
+    """PEFT's unmerged k>1 Conv2d forward is not W R^T (it sums overlapping patches); its merged model is, and a
+    PEFT checkpoint loaded in dpeft gives that merged model's outputs."""
+    base, kw = build("conv2d")
+    ref = out(base, kw)
+    identity = dpeft.get_peft_model(build("conv2d")[0], dpeft.OFTConfig(target_modules=["conv2d"], oft_block_size=5))
+    assert_close(out(identity, kw), ref, atol=1e-6)
+    config = dpeft.OFTConfig(target_modules=["conv2d"], oft_block_size=5, init_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        theirs = peft.get_peft_model(build("conv2d")[0], peft_config_of(config)).eval()
+    tmp = pytest.importorskip("tempfile").mkdtemp()
+    theirs.save_pretrained(tmp)
+    ours = dpeft.PeftModel.from_pretrained(build("conv2d")[0], tmp)
+    assert_close(out(ours, kw), out(theirs.merge_and_unload(), kw))
+
+
+def test_block_size_is_adjusted_like_peft():
+    """An oft_block_size that does not divide the layer becomes the nearest divisor, with PEFT's shapes."""
+    config = dpeft.OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=3)
+    with pytest.warns(UserWarning, match="adjusted to 2"):
+        ours = dpeft.get_peft_model(build("mlp")[0], config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(build("mlp")[0], peft_config_of(config))
+    ours_sd, theirs_sd = dpeft.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert {k: v.shape for k, v in ours_sd.items()} == {k: v.shape for k, v in theirs_sd.items()}
+
+
+def test_config_rules():
+    with pytest.raises(ValueError, match="exactly one of r"):
+        dpeft.OFTConfig(target_modules=["lin0"], r=2, oft_block_size=4)
+    with pytest.raises(ValueError, match="exactly one of r"):
+        dpeft.OFTConfig(target_modules=["lin0"], r=0, oft_block_size=0)
+    with pytest.raises(ValueError, match="coft"):
+        dpeft.OFTConfig(target_modules=["lin0"], coft=True)
+    with pytest.raises(ValueError, match="bias"):
+        dpeft.OFTConfig(target_modules=["lin0"], bias="lora_only")
+    with pytest.warns(UserWarning, match="no effect"):
+        dpeft.OFTConfig(target_modules=["lin0"], module_dropout=0.1)
+
+
+def test_unsupported_layers_are_refused():
+    # transformers' Conv1D is not an OFT layer type in PEFT.
+    with pytest.raises(ValueError, match="not layer types"):
+        dpeft.get_peft_model(build("emb_conv1d")[0], dpeft.OFTConfig(target_modules=["conv1d"]))
+    grouped = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="groups=1"):
+        dpeft.get_peft_model(grouped, dpeft.OFTConfig(target_modules=["0"], oft_block_size=2))
+    before = [p.clone() for p in grouped.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, grouped.parameters()))
+    assert not any("oft" in n for n, _ in grouped.named_modules())
+
+
+def test_unmerge_restores_the_base_weight():
+    base, kw = build("llama")
+    weight = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    config = dpeft.OFTConfig(target_modules=["q_proj"], oft_block_size=8, init_weights=False, task_type="CAUSAL_LM")
+    model = dpeft.get_peft_model(base, config)
+    model.merge_adapter()
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert (q.base_layer.weight - weight).abs().max() > 1e-3
+    model.unmerge_adapter()
+    assert_close(q.base_layer.weight, weight, atol=1e-5)
