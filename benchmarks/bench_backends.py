@@ -136,6 +136,45 @@ def peft_fsdp2(base) -> Setup:
     return Setup(_plain_step(model, torch.optim.AdamW(params, lr=1e-4)), "fsdp2")
 
 
+def _deepspeed_step(model, stage: int, batch_rows: int) -> Callable[[torch.Tensor], None]:
+    """DeepSpeed ZeRO-`stage` over `model` (dpeft's store or PEFT's trainable tensors): forward, backward, step."""
+    from dpeft.dist.deepspeed import deepspeed_config, import_deepspeed, init_deepspeed_distributed
+
+    init_deepspeed_distributed()
+    config = deepspeed_config(stage, micro_batch_size=batch_rows)
+    if hasattr(model, "store"):
+        from dpeft.dist.deepspeed import apply_deepspeed
+
+        params = model.store.optimizer_parameters()
+        engine = apply_deepspeed(model, torch.optim.AdamW(params, lr=1e-4), config=config)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        engine = import_deepspeed().initialize(model=model, optimizer=opt, config=config)[0]
+
+    def step(ids: torch.Tensor) -> None:
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+
+    return step
+
+
+def _zero(lib: str, stage: int):
+    def build(base) -> Setup:
+        import dpeft
+
+        model = dpeft.get_peft_model(base, _lora(dpeft)) if lib == "dpeft" else _peft(base)
+        return Setup(_deepspeed_step(model, stage, DEEPSPEED_ROWS), f"zero{stage}")
+
+    return build
+
+
+DEEPSPEED_ROWS = 2  # rows per rank per step: the default global batch of 4 over 2 ranks
+for _stage in (2, 3):
+    for _lib in ("dpeft", "peft"):
+        setup(f"{_lib}-zero{_stage}", engine=f"zero{_stage}")(_zero(_lib, _stage))
+
+
 # ---------------------------------------------------------------- ranks
 def _init(rank: int, world: int, port: int, threads: int) -> None:
     os.environ.update(

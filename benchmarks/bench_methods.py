@@ -22,6 +22,10 @@ CONFIGS = {
         target_modules=["q_proj", "v_proj"], n_frequency=1000, task_type="CAUSAL_LM"
     ),
     "ln_tuning": lambda lib: lib.LNTuningConfig(task_type="CAUSAL_LM"),
+    "oft": lambda lib: lib.OFTConfig(target_modules=["q_proj", "v_proj"], oft_block_size=32, task_type="CAUSAL_LM"),
+    "boft": lambda lib: lib.BOFTConfig(target_modules=["q_proj", "v_proj"], boft_block_size=8, task_type="CAUSAL_LM"),
+    "hra": lambda lib: lib.HRAConfig(target_modules=["q_proj", "v_proj"], r=8, task_type="CAUSAL_LM"),
+    "delora": lambda lib: lib.DeloraConfig(target_modules=["q_proj", "v_proj"], r=8, task_type="CAUSAL_LM"),
 }
 
 

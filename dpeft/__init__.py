@@ -9,6 +9,7 @@ from dpeft.methods import PeftType, registered_methods
 from dpeft.methods.adalora import AdaLoraConfig
 from dpeft.methods.boft import BOFTConfig
 from dpeft.methods.delora import DeloraConfig
+from dpeft.methods.c3a import C3AConfig
 from dpeft.methods.fourierft import FourierFTConfig
 from dpeft.methods.hra import HRAConfig
 from dpeft.methods.ia3 import IA3Config
@@ -16,12 +17,14 @@ from dpeft.methods.ln_tuning import LNTuningConfig
 from dpeft.methods.loha import LoHaConfig
 from dpeft.methods.lokr import LoKrConfig
 from dpeft.methods.lora import LoraConfig
+from dpeft.methods.miss import MissConfig
 from dpeft.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from dpeft.methods.oft import OFTConfig
 from dpeft.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
 from dpeft.methods.prefix_tuning import PrefixTuningConfig
 from dpeft.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from dpeft.methods.randlora import RandLoraConfig
+from dpeft.methods.shira import ShiraConfig
 from dpeft.methods.vblora import VBLoRAConfig
 from dpeft.methods.vera import VeraConfig
 from dpeft.model import (
@@ -48,6 +51,7 @@ __all__ = [
     "AdaLoraConfig",
     "AdapterStore",
     "BOFTConfig",
+    "C3AConfig",
     "DeloraConfig",
     "FourierFTConfig",
     "HRAConfig",
@@ -56,6 +60,7 @@ __all__ = [
     "LoHaConfig",
     "LoKrConfig",
     "LoraConfig",
+    "MissConfig",
     "OFTConfig",
     "PeftConfig",
     "PeftModel",
@@ -72,6 +77,7 @@ __all__ = [
     "PromptEncoderReparameterizationType",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "ShiraConfig",
     "TaskType",
     "VBLoRAConfig",
     "VeraConfig",

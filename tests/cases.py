@@ -239,13 +239,25 @@ def vblora(**kw) -> Callable[[], dpeft.PeftConfig]:
 
 CASES += [
     Case("vblora-linear", "mlp", vblora(target_modules=["lin0", "lin1"], vector_length=10)),
-    Case("vblora-topk3-bias-only", "mlp", vblora(target_modules=["lin1"], vector_length=5, topk=3, bias="vblora_only")),
+    Case(
+        "vblora-topk3-bias-only", "mlp", vblora(target_modules=["lin1"], vector_length=5, topk=3, bias="vblora_only")
+    ),
     Case("vblora-modules-to-save", "mlp", vblora(target_modules=["lin0"], vector_length=5, modules_to_save=["lin2"])),
-    Case("vblora-llama", "llama", vblora(target_modules=["q_proj", "v_proj", "down_proj"], vector_length=8, task_type="CAUSAL_LM")),
+    Case(
+        "vblora-llama",
+        "llama",
+        vblora(target_modules=["q_proj", "v_proj", "down_proj"], vector_length=8, task_type="CAUSAL_LM"),
+    ),
     Case("vblora-gpt2-conv1d", "gpt2", vblora(target_modules=["c_attn"], vector_length=16, task_type="CAUSAL_LM")),
 ]
 # Saves top-k indices/weights instead of logits (a smaller, inference-only checkpoint), as PEFT does.
-CASES += [Case("vblora-save-only-topk", "mlp", vblora(target_modules=["lin0", "lin1"], vector_length=5, save_only_topk_weights=True))]
+CASES += [
+    Case(
+        "vblora-save-only-topk",
+        "mlp",
+        vblora(target_modules=["lin0", "lin1"], vector_length=5, save_only_topk_weights=True),
+    )
+]
 
 
 def boft(**kw) -> Callable[[], dpeft.PeftConfig]:
@@ -318,9 +330,17 @@ CASES += [
     # PEFT saves the shared bases at model level AND under every layer: both directions must agree on those keys.
     Case("randlora-linear", "mlp", randlora(target_modules=["lin0", "lin1"])),
     Case("randlora-sparse-bias-only", "mlp", randlora(target_modules=["lin0"], sparse=True, bias="randlora_only")),
-    Case("randlora-very-sparse-mts", "mlp", randlora(target_modules=["lin1"], very_sparse=True, modules_to_save=["lin2"])),
+    Case(
+        "randlora-very-sparse-mts",
+        "mlp",
+        randlora(target_modules=["lin1"], very_sparse=True, modules_to_save=["lin2"]),
+    ),
     Case("randlora-conv1d-transformers", "emb_conv1d", randlora(target_modules=["conv1d", "lin0"], r=2)),
-    Case("randlora-llama", "llama", randlora(target_modules=["q_proj", "v_proj", "down_proj"], r=8, task_type="CAUSAL_LM")),
+    Case(
+        "randlora-llama",
+        "llama",
+        randlora(target_modules=["q_proj", "v_proj", "down_proj"], r=8, task_type="CAUSAL_LM"),
+    ),
     Case("randlora-gpt2", "gpt2", randlora(target_modules=["c_attn", "mlp.c_proj"], r=8, task_type="CAUSAL_LM")),
 ]
 
@@ -342,4 +362,57 @@ CASES += [
     Case(
         "delora-llama", "llama", delora(target_modules=["q_proj", "v_proj", "down_proj"], r=6, task_type="CAUSAL_LM")
     ),
+]
+
+
+def c3a(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_weights", "gaussian")  # PEFT's default xavier kernel barely moves these tiny models
+    return lambda: dpeft.C3AConfig(**kw)
+
+
+CASES += [
+    Case("c3a-linear", "mlp", c3a(target_modules=["lin0", "lin1"], block_size=5)),
+    Case(
+        "c3a-xavier-bias-only", "mlp", c3a(target_modules=["lin1"], block_size=10, init_weights=False, bias="c3a_only")
+    ),
+    Case("c3a-modules-to-save", "mlp", c3a(target_modules=["lin0"], block_size=2, modules_to_save=["lin2"])),
+    Case(
+        "c3a-llama-pattern",
+        "llama",
+        c3a(
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            block_size=8,
+            block_size_pattern={"down_proj": 16},
+            task_type="CAUSAL_LM",
+        ),
+    ),
+]
+
+
+def miss(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_weights", False)  # random block (the "bat"/"mini" variants start at zero: test_method_miss)
+    return lambda: dpeft.MissConfig(**kw)
+
+
+CASES += [
+    Case("miss-linear-remainder", "mlp", miss(target_modules=["lin0", "lin1"], r=3)),  # 10 % 3: a partial slice
+    Case("miss-dropout-bias", "mlp", miss(target_modules=["lin0"], r=5, miss_dropout=0.1, bias="MiSS_only")),
+    Case("miss-modules-to-save", "mlp", miss(target_modules=["lin1"], r=4, modules_to_save=["lin2"])),
+    Case("miss-llama", "llama", miss(r=8, task_type="CAUSAL_LM")),
+]
+
+
+def shira(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_weights", False)  # normal weights: the adapter changes outputs at init
+    kw.setdefault("r", 2)
+    return lambda: dpeft.ShiraConfig(**kw)
+
+
+CASES += [
+    # The mask's indices are saved with the adapter (PEFT keeps them outside its modules; so does dpeft's store).
+    Case("shira-linear", "mlp", shira(target_modules=["lin0", "lin1"])),
+    Case(
+        "shira-seeded-modules-to-save", "mlp", shira(target_modules=["lin1"], random_seed=4, modules_to_save=["lin2"])
+    ),
+    Case("shira-llama", "llama", shira(target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")),
 ]

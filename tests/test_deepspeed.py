@@ -75,14 +75,36 @@ def _reference(dora: bool, tmp: str) -> dict:
     return {"losses": losses, "state": state, "merged": {k: v.clone() for k, v in merged.items()}}
 
 
-def _ds_worker(stage: int, dora: bool, tmp: str) -> dict:
+def _wrap(model, opt, stage: int, world: int, via: str):
+    """(engine, backward-and-step) through `apply_deepspeed` or through accelerate's DeepSpeed plugin."""
+    from dpeft.dist import deepspeed as ds
+
+    if via == "apply":
+        engine = ds.apply_deepspeed(model, opt, zero_stage=stage, micro_batch_size=GLOBAL_BATCH // world)
+
+        def backward(loss: torch.Tensor) -> None:
+            engine.backward(loss)
+            engine.step()
+
+        return engine, backward
+    from accelerate import Accelerator, DeepSpeedPlugin
+
+    ds.prepare_for_accelerate(model)
+    config = ds.deepspeed_config(stage, micro_batch_size=GLOBAL_BATCH // world)
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
+    engine, _ = accelerator.prepare(model, opt)
+    ds.attach_prepared(engine)
+    return engine, accelerator.backward  # accelerate's DeepSpeed backward also steps the engine
+
+
+def _ds_worker(stage: int, dora: bool, tmp: str, via: str = "apply") -> dict:
     from dpeft.checkpoint.dcp import load_checkpoint, save_checkpoint
-    from dpeft.dist.deepspeed import apply_deepspeed, gathered, merge_and_unload
+    from dpeft.dist.deepspeed import gathered, merge_and_unload
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     _, model = _model(dora)
     opt = torch.optim.AdamW(model.store.optimizer_parameters(), lr=1e-2)
-    engine = apply_deepspeed(model, opt, zero_stage=stage, micro_batch_size=GLOBAL_BATCH // world)
+    engine, backward = _wrap(model, opt, stage, world, via)
     count = GLOBAL_BATCH * (SEQ - 1)
     per_rank = GLOBAL_BATCH // world
     batches = _batches()
@@ -91,8 +113,7 @@ def _ds_worker(stage: int, dora: bool, tmp: str) -> dict:
         mine = ids[rank * per_rank : (rank + 1) * per_rank]
         terms = _loss_sum(engine, mine)
         # DeepSpeed averages gradients over ranks: scale so the average is the global-batch mean's gradient.
-        engine.backward(terms * world / count)
-        engine.step()
+        backward(terms * world / count)
         total = terms.detach().clone()
         torch.distributed.all_reduce(total)
         return total.item() / count
@@ -202,3 +223,66 @@ def test_deepspeed_config_rejects_bad_stage() -> None:
     with pytest.raises(ValueError, match="offload_param needs ZeRO stage 3"):
         deepspeed_config(2, offload_param=True)
     assert deepspeed_config(3, micro_batch_size=2)["zero_optimization"] == {"stage": 3}
+
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_llama.yaml")
+
+
+def _run_overrides(out_dir: str, backend: str, steps: int) -> list[str]:
+    return [
+        "train.threads=1",
+        "train.progress_bar=false",
+        f"train.steps={steps}",
+        "train.global_batch_size=8",
+        "train.grad_accum_steps=2",
+        "data.limit=64",
+        "data.validation_size=8",
+        "data.max_length=24",
+        f"store.backend={backend}",
+        "store.deepspeed_zero_stage=3",
+        "checkpoint.every=2",
+        f"output.dir={out_dir}",
+    ]
+
+
+def _run_worker(out_dir: str) -> tuple[list[float], list[float], str]:
+    """`dpeft.train.run` under the deepspeed backend: 4 steps, then a new run to 6 steps resuming step 4."""
+    from dpeft.train import run
+
+    first = run(TINY, _run_overrides(out_dir, "deepspeed", 4))
+    second = run(TINY, _run_overrides(out_dir, "deepspeed", 6))
+    assert second.resumed_from is not None and second.resumed_from.endswith("step-00000004")
+    return first.losses, second.losses, first.backend
+
+
+@pytest.mark.slow
+def test_train_run_zero3_matches_one_process_and_resumes(tmp_path) -> None:
+    from dpeft.train import run
+
+    threads = torch.get_num_threads()
+    try:
+        one = run(TINY, _run_overrides(str(tmp_path / "w1"), "local", 6))
+    finally:
+        torch.set_num_threads(threads)
+    first, second, backend = run_distributed(_run_worker, 2, str(tmp_path / "w2"), timeout=600)[0]
+    assert backend == "deepspeed"
+    torch.testing.assert_close(torch.tensor(first + second), torch.tensor(one.losses), atol=2e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_accelerate_deepspeed_plugin_zero3(tmp_path) -> None:
+    """A dpeft model prepared by `accelerate.Accelerator` with a ZeRO-3 DeepSpeed plugin trains, saves, checkpoints,
+    resumes and merges like the single process (the ranks feed their own half of each global batch)."""
+    ref = _reference(False, str(tmp_path))
+    out = run_distributed(_ds_worker, 2, 3, False, str(tmp_path), "accelerate", timeout=600)[0]
+    assert out["backend"] == "deepspeed"
+    torch.testing.assert_close(torch.tensor(out["losses"]), torch.tensor(ref["losses"]), atol=ATOL, rtol=0)
+    resumed = torch.tensor(out["resumed"])
+    torch.testing.assert_close(resumed, torch.tensor(ref["losses"][SAVE_AT:]), atol=ATOL, rtol=0)
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(tmp_path, "adapter", "adapter_model.safetensors"))
+    for key, value in ref["state"].items():
+        torch.testing.assert_close(saved[key], value, atol=ATOL, rtol=0)
+    for key, value in ref["merged"].items():
+        torch.testing.assert_close(out["merged"][key], value, atol=ATOL, rtol=0, msg=key)

@@ -138,6 +138,12 @@ def _integrity() -> dict:
             finally:
                 store_module.full_value = real
     assert fsdp_view.full_value is real
+    wrapped.add_adapter("late", CONFIGS["lora"]())  # FSDP2 does not manage tensors declared after wrapping
+    wrapped.set_adapter("late")
+    try:
+        wrapped(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    except ValueError as exc:
+        out["late"] = str(exc)
     return out
 
 
@@ -148,7 +154,7 @@ def _all(names: list[str]) -> dict:
 
 def test_fsdp2_equals_one_process_and_refuses_corrupt_saves():
     names = list(CONFIGS)
-    per_rank = run_distributed(_all, 2, names)
+    per_rank = run_distributed(_all, 2, names, timeout=400)
     for name in names:
         for rank, r in enumerate(per_rank):
             r = r[name]
@@ -165,6 +171,7 @@ def test_fsdp2_equals_one_process_and_refuses_corrupt_saves():
         assert "all zeros, but the model holds nonzero values" in found["zeros"][0], found
         assert "non-finite" in found["nan"][0], found
         assert "shape (0,), but its adapter config implies" in found["shape"][0], found
+        assert "was added after apply_fsdp" in found.pop("late"), found
         for message, written in found.values():
             assert "base_model.model.model.layers.0" in message
             assert written == [], found  # nothing was published

@@ -50,6 +50,9 @@ METHOD_CASES: dict[str, tuple[str, dict]] = {
     "delora": ("DELORA", dict(target_modules=ATTN, r=4, delora_lambda=3, init_weights=False)),
     "fourierft": ("FOURIERFT", dict(target_modules=ATTN, n_frequency=64, scaling=10.0, init_weights=False)),
     "ln_tuning": ("LN_TUNING", dict(target_modules=["input_layernorm", "norm"])),
+    "miss": ("MISS", dict(target_modules=ATTN, r=6, init_weights=False)),
+    "miss-bat": ("MISS", dict(target_modules=["q_proj", "v_proj"], r=8, init_weights="bat")),
+    "miss-mini": ("MISS", dict(target_modules=ATTN, r=4, init_weights="mini", mini_r=8)),
     "adalora": ("ADALORA", dict(target_modules=ATTN, init_r=4, lora_alpha=8, total_step=10, init_lora_weights=False)),
     # A rank pattern (as the allocator writes it) prunes triplets: the merge builds the layers at the kept rank.
     "adalora-rank-pattern": (
@@ -69,6 +72,8 @@ METHOD_CASES: dict[str, tuple[str, dict]] = {
     "vera": ("VERA", dict(target_modules=ATTN, r=8, init_weights=False)),
     "vblora": ("VBLORA", dict(target_modules=ATTN, vector_length=8, num_vectors=16, init_vector_bank_bound=0.5)),
     "randlora": ("RANDLORA", dict(target_modules=ATTN, r=8, randlora_alpha=8, init_weights=False)),
+    "c3a": ("C3A", dict(target_modules=ATTN, block_size=8, init_weights="gaussian")),
+    "shira": ("SHIRA", dict(target_modules=ATTN, r=2, init_weights=False)),
 }
 NOT_MERGEABLE: set[str] = set()  # registered methods that have no merged form (e.g. prompt learning)
 ATOL = 1e-5

@@ -144,3 +144,36 @@ def test_unmerge_restores_the_base_weight():
     assert (q.base_layer.weight - weight).abs().max() > 1e-3
     model.unmerge_adapter()
     assert_close(q.base_layer.weight, weight, atol=1e-5)
+
+
+QUANT_CONFIGS = [
+    pytest.param(
+        lambda: dpeft.OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=5, init_weights=False), id="oft"
+    ),
+    pytest.param(
+        lambda: dpeft.BOFTConfig(
+            target_modules=["lin1"], boft_block_size=2, boft_n_butterfly_factor=2, init_weights=False
+        ),
+        id="boft",
+    ),
+    pytest.param(lambda: dpeft.HRAConfig(target_modules=["lin0", "lin1"], r=3, init_weights=False), id="hra"),
+    pytest.param(lambda: dpeft.DeloraConfig(target_modules=["lin0", "lin1"], r=3, init_weights=False), id="delora"),
+]
+
+
+@pytest.mark.parametrize("factory", QUANT_CONFIGS)
+def test_orthogonal_family_on_a_4bit_base(factory):
+    """On a bnb nf4 base (through the shared quantized handler, no per-method code) the forward equals the same
+    adapter on the dequantized float weights, and a dequantizing merge equals the unmerged model."""
+    from test_quant import _mlp, _mlp_inputs, float_reference
+
+    model = _mlp(4)
+    reference = dpeft.get_peft_model(float_reference(model), factory()).train()
+    ours = dpeft.get_peft_model(model, factory()).train()
+    dpeft.set_peft_model_state_dict(ours, dpeft.get_peft_model_state_dict(reference))
+    kw = _mlp_inputs()
+    with torch.no_grad():
+        expected = out(reference, kw)
+        assert_close(out(ours, kw), expected, atol=1e-5)
+        merged = ours.merge_and_unload(quantized_merge="dequantize")
+        assert_close(out(merged, kw), expected, atol=1e-5)

@@ -75,9 +75,8 @@ def test_vera_unsaved_projections_are_regenerated_both_ways(tmp_path):
 
 
 def test_vera_unsaved_projections_merge_with_the_merge_tool(tmp_path):
-    from test_merge import logits, run_merge, save_base
-
     from models import tiny_llama
+    from test_merge import logits, run_merge, save_base
 
     config = dpeft.VeraConfig(
         target_modules=["q_proj", "down_proj"], r=4, init_weights=False, save_projection=False, task_type="CAUSAL_LM"
@@ -123,8 +122,13 @@ def test_vblora_math_matches_a_hand_written_reference():
     config = dpeft.VBLoRAConfig(target_modules=["lin0"], r=2, num_vectors=6, vector_length=5, topk=2)
     model = _perturbed(dpeft.get_peft_model(build("mlp")[0], config))
     sd = dpeft.get_peft_model_state_dict(model)
-    bank, la, lb = (sd[k] for k in ("base_model.vblora_vector_bank", *[f"base_model.model.lin0.{n}" for n in (
-        "vblora_logits_A", "vblora_logits_B")]))
+    bank, la, lb = (
+        sd[k]
+        for k in (
+            "base_model.vblora_vector_bank",
+            *[f"base_model.model.lin0.{n}" for n in ("vblora_logits_A", "vblora_logits_B")],
+        )
+    )
 
     def block(logits):
         order = sorted(range(6), key=lambda j: -logits[j].item())[:2]
@@ -159,7 +163,9 @@ def test_vblora_bank_is_trainable_and_shared():
 
 def test_vblora_topk_only_checkpoint_is_inference_only(tmp_path):
     config = dict(target_modules=["lin0", "lin1"], num_vectors=8, vector_length=10, topk=2)
-    model = _perturbed(dpeft.get_peft_model(build("mlp")[0], dpeft.VBLoRAConfig(save_only_topk_weights=True, **config)))
+    model = _perturbed(
+        dpeft.get_peft_model(build("mlp")[0], dpeft.VBLoRAConfig(save_only_topk_weights=True, **config))
+    )
     model.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
     key = "base_model.model.lin0.vblora_logits_A"

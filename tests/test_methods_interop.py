@@ -51,6 +51,12 @@ DEFAULT_INIT = [
     ("vera", "mlp", lambda: dpeft.VeraConfig(target_modules=["lin0", "lin1"], r=4)),
     ("vera-llama", "llama", lambda: dpeft.VeraConfig(r=8, projection_prng_key=5, task_type="CAUSAL_LM")),
     ("randlora", "mlp", lambda: dpeft.RandLoraConfig(target_modules=["lin0", "lin1"], r=4)),
+    (
+        "c3a-zero-init",
+        "mlp",
+        lambda: dpeft.C3AConfig(target_modules=["lin0", "lin1"], block_size=5, init_weights=True),
+    ),
+    ("shira", "mlp", lambda: dpeft.ShiraConfig(target_modules=["lin0", "lin1"], r=2, random_seed=1)),
 ]
 RANDOM_INIT = [
     ("fourierft", "mlp", lambda: dpeft.FourierFTConfig(target_modules=["lin0", "lin1"], n_frequency=30)),
@@ -79,7 +85,15 @@ RANDOM_INIT = [
     (
         "randlora-very-sparse-random",
         "llama",
-        lambda: dpeft.RandLoraConfig(target_modules=["q_proj", "down_proj"], r=8, very_sparse=True, init_weights=False),
+        lambda: dpeft.RandLoraConfig(
+            target_modules=["q_proj", "down_proj"], r=8, very_sparse=True, init_weights=False
+        ),
+    ),
+    ("c3a-xavier-default", "llama", lambda: dpeft.C3AConfig(target_modules=["q_proj", "down_proj"], block_size=8)),
+    (
+        "c3a-kaiming",
+        "mlp",
+        lambda: dpeft.C3AConfig(target_modules=["lin0", "lin1"], block_size=10, init_weights="kaiming_uniform"),
     ),
 ]
 # The orthogonal family (their own checks are in tests/test_method_<name>.py).
@@ -132,6 +146,13 @@ RANDOM_INIT += [
         lambda: dpeft.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True, task_type="CAUSAL_LM"),
     ),
 ]
+# MiSS (its "bat"/"mini" checkpoints and merges on perturbed adapters: tests/test_method_miss.py).
+DEFAULT_INIT += [
+    ("miss", "mlp", lambda: dpeft.MissConfig(target_modules=["lin0", "lin1"], r=4)),
+    ("miss-bat", "mlp", lambda: dpeft.MissConfig(target_modules=["lin0", "lin1"], r=5, init_weights="bat")),
+    ("miss-mini", "llama", lambda: dpeft.MissConfig(r=8, init_weights="mini", mini_r=4, task_type="CAUSAL_LM")),
+]
+RANDOM_INIT += [("miss-random", "mlp", lambda: dpeft.MissConfig(target_modules=["lin0"], r=3, init_weights=False))]
 ALL = [pytest.param(m, f, id=i) for i, m, f in DEFAULT_INIT + RANDOM_INIT]
 
 
@@ -163,9 +184,22 @@ def test_default_init_is_identity(model_name, factory):
     assert_close(out(model, kw), reference, atol=0)
 
 
-TRAIN = ("ia3", "loha", "loha-conv2d-effective", "lokr", "lokr-lycoris-init", "fourierft-zero-init", "ln-tuning", "vera", "randlora")
+TRAIN = (
+    "ia3",
+    "loha",
+    "loha-conv2d-effective",
+    "lokr",
+    "lokr-lycoris-init",
+    "fourierft-zero-init",
+    "ln-tuning",
+    "vera",
+    "randlora",
+    "c3a-zero-init",
+    "shira",
+)
 TRAIN += ("oft", "boft", "delora")
 TRAIN += ("adalora",)
+TRAIN += ("miss", "miss-bat", "miss-mini")
 
 
 @pytest.mark.parametrize(
@@ -360,6 +394,9 @@ SHARDED_CONFIGS = {
     "randlora": lambda: dpeft.RandLoraConfig(
         target_modules=["q_proj", "v_proj", "down_proj"], r=8, randlora_alpha=8, init_weights=False
     ),
+    "c3a": lambda: dpeft.C3AConfig(target_modules=["q_proj", "down_proj"], block_size=8, init_weights="gaussian"),
+    # Integer mask indices: a frozen store tensor registered under no module, sharded and gathered like the rest.
+    "shira": lambda: dpeft.ShiraConfig(target_modules=["q_proj", "v_proj"], r=2, init_weights=False),
 }
 
 SHARDED_CONFIGS.update(
@@ -377,6 +414,12 @@ SHARDED_CONFIGS.update(
         "adalora": lambda: dpeft.AdaLoraConfig(
             target_modules=["q_proj", "v_proj"], init_r=5, total_step=10, init_lora_weights=False
         )
+    }
+)
+SHARDED_CONFIGS.update(
+    {
+        "miss": lambda: dpeft.MissConfig(target_modules=["q_proj", "down_proj"], r=6, init_weights=False),
+        "miss-bat": lambda: dpeft.MissConfig(target_modules=["q_proj"], r=8, init_weights="bat"),
     }
 )
 
@@ -458,6 +501,18 @@ PARITY = [
         ),
         id="randlora-sparse-dropout",
     ),
+    # One C3A layer only: PEFT's hand-written backward gives a wrong INPUT gradient (its weight gradient is right;
+    # see tests/test_method_c3a.py), so parity holds only where no trainable tensor sits upstream of a C3A layer.
+    pytest.param(
+        lambda: dpeft.C3AConfig(
+            target_modules=["down_proj"], layers_to_transform=[1], block_size=8, task_type="CAUSAL_LM"
+        ),
+        id="c3a-last-layer",
+    ),
+    pytest.param(
+        lambda: dpeft.ShiraConfig(target_modules=["q_proj", "v_proj", "down_proj"], r=2, task_type="CAUSAL_LM"),
+        id="shira",
+    ),
 ]
 
 PARITY += [
@@ -475,7 +530,9 @@ PARITY += [
     ),
     pytest.param(lambda: dpeft.HRAConfig(target_modules=["q_proj", "v_proj"], r=4, task_type="CAUSAL_LM"), id="hra"),
     pytest.param(
-        lambda: dpeft.DeloraConfig(target_modules=["q_proj", "v_proj"], r=4, module_dropout=0.2, task_type="CAUSAL_LM"),
+        lambda: dpeft.DeloraConfig(
+            target_modules=["q_proj", "v_proj"], r=4, module_dropout=0.2, task_type="CAUSAL_LM"
+        ),
         id="delora-dropout",
     ),
 ]
@@ -485,6 +542,16 @@ PARITY += [
             target_modules=["q_proj", "v_proj"], init_r=6, lora_dropout=0.2, total_step=10, task_type="CAUSAL_LM"
         ),
         id="adalora-orth-reg",
+    ),
+]
+PARITY += [
+    pytest.param(
+        lambda: dpeft.MissConfig(target_modules=["q_proj", "down_proj"], r=6, miss_dropout=0.2, task_type="CAUSAL_LM"),
+        id="miss-dropout",
+    ),
+    pytest.param(
+        lambda: dpeft.MissConfig(target_modules=["q_proj", "v_proj"], r=8, init_weights="bat", task_type="CAUSAL_LM"),
+        id="miss-bat",
     ),
 ]
 

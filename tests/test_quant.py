@@ -79,6 +79,13 @@ METHODS = [
         peft_merge=False,
     ),
     MethodRow("fourierft", "FourierFTConfig", {"n_frequency": 16, "scaling": 10.0}, peft_bnb=False, peft_merge=False),
+    # PEFT's SVDLinear4bit/8bitLt have no merge: only forward and checkpoints are compared with PEFT.
+    MethodRow(
+        "adalora",
+        "AdaLoraConfig",
+        {"init_r": 4, "lora_alpha": 1, "total_step": 10, "init_lora_weights": False},
+        peft_merge=False,
+    ),
 ]
 
 

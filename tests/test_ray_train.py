@@ -178,6 +178,7 @@ def test_own_files_split_a_step_dir_between_ranks(tmp_path):
         ({"num_workers": 0}, [], "num_workers must be an int >= 1"),
         ({}, ["train.device=cuda"], "pass use_gpu=True"),
         ({"max_failures": -2}, [], "max_failures must be"),
+        ({}, ["checkpoint.resume=no/such/step-00000004"], "is not a checkpoint directory"),
     ],
 )
 def test_bad_arguments_fail_before_ray_starts(tmp_path, kwargs, overrides, message):

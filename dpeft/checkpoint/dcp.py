@@ -111,6 +111,9 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         os.makedirs(os.path.join(tmp, "rng"))
     barrier()
+    # Shapes and dtypes for the manifest, taken now: rank 0 alone must not read tensors later (a collective under
+    # the deepspeed backend).
+    layouts = {key: (list(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in state.items()}
     optim_state, optim_meta = optimizer_state(store, optimizer) if optimizer is not None else ({}, None)
     state.update(optim_state)
     with _single_process_quiet():
@@ -120,7 +123,7 @@ def save_checkpoint(
     os.replace(rng_file + ".part", rng_file)
     barrier()
     if rank == 0:
-        manifest = _manifest(tuner, store, step, extra, optim_meta, tmp, fingerprint, norms)
+        manifest = _manifest(tuner, store, step, extra, optim_meta, tmp, fingerprint, norms, layouts)
         write_manifest(tmp, manifest)
         _publish(tmp, final)
         if keep_last is not None:
@@ -131,11 +134,19 @@ def save_checkpoint(
 
 
 def _manifest(
-    tuner, store, step: int, extra: dict, optim_meta: dict | None, directory: str, fingerprint: str, norms: dict
+    tuner,
+    store,
+    step: int,
+    extra: dict,
+    optim_meta: dict | None,
+    directory: str,
+    fingerprint: str,
+    norms: dict,
+    layouts: dict[str, tuple[list[int], str]],
 ) -> dict[str, Any]:
     tensors = {}
-    for key, tensor in store.sharded_state_dict().items():
-        tensors[key] = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+    for key, (shape, dtype) in layouts.items():
+        tensors[key] = {"shape": shape, "dtype": dtype}
         if key in norms:  # what a later read must give back (checked by load_checkpoint and export)
             tensors[key]["sq_norm"] = norms[key]
     dtypes = sorted({t["dtype"] for t in tensors.values()})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from typing import Any
 
@@ -53,9 +54,10 @@ def base_fingerprint(model: nn.Module, adapter_param_ids: set[int]) -> str:
             if id(param) in adapter_param_ids or ".modules_to_save." in f".{name}.":
                 continue
             clean = name.replace(".base_layer.", ".").replace(".original_module.", ".")
-            n = param.numel()
-            values = _elements(param.detach(), [0, n // 2, n - 1]) if n else []
-            rows.append([clean, list(param.shape), str(param.dtype), [float.hex(v) for v in values]])
+            shape = list(getattr(param, "ds_shape", param.shape))  # a ZeRO-3 partition keeps its shape there
+            n = math.prod(shape)
+            values = _elements(param, [0, n // 2, n - 1]) if n else []
+            rows.append([clean, shape, str(param.dtype), [float.hex(v) for v in values]])
     rows.sort()
     return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
@@ -63,6 +65,9 @@ def base_fingerprint(model: nn.Module, adapter_param_ids: set[int]) -> str:
 def _elements(tensor: torch.Tensor, positions: list[int]) -> list[float]:
     """Elements at flat `positions` of the full tensor; for a dim-0 sharded `DTensor` (fsdp2's base weights) each
     rank gives the ones it holds and one all-reduce adds them up (a collective: every rank calls it)."""
+    if hasattr(tensor, "ds_tensor"):  # DeepSpeed ZeRO-3: this rank holds flat elements [r*p, (r+1)*p)
+        return _partition_elements(tensor.ds_tensor.detach().reshape(-1), positions)
+    tensor = tensor.detach()
     if not hasattr(tensor, "to_local"):
         return tensor.reshape(-1)[positions].double().tolist()
     import torch.distributed as dist
@@ -78,6 +83,18 @@ def _elements(tensor: torch.Tensor, positions: list[int]) -> list[float]:
         if layout.start <= pos // row < layout.start + layout.rows:
             out[i] = local[pos - layout.start * row].double()
     dist.all_reduce(out, group=mesh.get_group())
+    return out.tolist()
+
+
+def _partition_elements(part: torch.Tensor, positions: list[int]) -> list[float]:
+    import torch.distributed as dist
+
+    start = dist.get_rank() * part.numel()
+    out = torch.zeros(len(positions), dtype=torch.float64, device=part.device)
+    for i, pos in enumerate(positions):
+        if start <= pos < start + part.numel():
+            out[i] = part[pos - start].double()
+    dist.all_reduce(out)
     return out.tolist()
 
 

@@ -18,6 +18,7 @@ from dpeft.checkpoint.dcp_manifest import read_manifest, verify_checksums
 from dpeft.checkpoint.integrity import check_read_back
 from dpeft.config import get_peft_config
 from dpeft.model.model_hooks import saved_state
+from dpeft.model.prompt import exported_prompt_state
 from dpeft.store import save_adapter_weights
 
 
@@ -57,7 +58,10 @@ def export_checkpoint(path: str, out_dir: str) -> str:
     for name, config_dict in manifest["adapters"].items():
         directory = out_dir if name == "default" else os.path.join(out_dir, name)
         config = get_peft_config({**config_dict, "inference_mode": True})
+        state = tensors[name]
+        if config.is_prompt_learning:  # PEFT saves the prompt encoder's output, computed from the saved encoder
+            state = exported_prompt_state(get_peft_config(dict(config_dict)), state)
         # The method's saving rules apply as in save_pretrained (e.g. AdaLoRA drops pruned triplets).
-        save_adapter_weights(saved_state(config, name, tensors[name]), directory)
+        save_adapter_weights(saved_state(config, name, state), directory)
         config.save_pretrained(directory)
     return path

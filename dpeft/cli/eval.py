@@ -12,7 +12,8 @@ EPILOG = """examples:
 
 The base model and the data are the `model` and `data` sections of a run config (--config, then --base/--task/
 --data and dotted overrides such as model.dtype=bfloat16 or data.max_length=256); with the config of the training
-run and --split validation, adapters are evaluated on that run's held-out split.
+run and --split validation, adapters are evaluated on that run's held-out split. --adapters takes every word
+after it up to the next option, so put dotted overrides before it (or after another option).
 """
 
 

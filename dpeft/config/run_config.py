@@ -114,6 +114,17 @@ class StoreSection:
         "fsdp2: free each block's gathered parameters after its forward and gather them again in backward "
         "(less memory, one more all-gather per block).",
     )
+    deepspeed_zero_stage: Literal[2, 3] = _f(
+        3,
+        "deepspeed: ZeRO stage; 2 partitions gradients and optimizer state, 3 also the parameters (base model "
+        "included), gathered per adapted layer around its forward and backward.",
+    )
+    deepspeed_offload_optimizer: bool = _f(
+        False, "deepspeed: keep optimizer state on the CPU (ZeRO-Offload; for CUDA runs, a no-op on CPU runs)."
+    )
+    deepspeed_offload_param: bool = _f(
+        False, "deepspeed, ZeRO-3 only: keep partitioned parameters on the CPU between uses (for CUDA runs)."
+    )
 
 
 @dataclass

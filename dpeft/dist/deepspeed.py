@@ -169,22 +169,27 @@ def apply_deepspeed(
     return engine
 
 
-def attach_prepared(model: nn.Module, optimizer) -> None:
-    """Switch the store of a model that another launcher (accelerate) passed through `deepspeed.initialize`.
+def attach_prepared(engine) -> nn.Module:
+    """Switch the store of a dpeft model that another launcher (accelerate) passed through `deepspeed.initialize`.
 
     Args:
-        model: The dpeft `PeftModel` (``engine.module``).
-        optimizer: DeepSpeed's ZeRO optimizer (``engine.optimizer``).
+        engine: The DeepSpeed engine wrapping a dpeft `PeftModel` (what ``accelerator.prepare`` returned).
+
+    Returns:
+        The `PeftModel` (``engine.module``), whose store now reads and writes DeepSpeed's partitions.
     """
-    stage = int(getattr(optimizer, "zero_stage", 3 if hasattr(optimizer, "fp32_partitioned_groups_flat") else 2))
+    stage = int(engine.zero_optimization_stage())
     if stage not in ZERO_STAGES:
-        raise ValueError(f"the deepspeed backend supports ZeRO stage 2 or 3, not {stage}")
-    model.store.use_deepspeed(DeepSpeedView(stage, optimizer))
+        raise ValueError(f"the deepspeed backend supports ZeRO stage 2 or 3, not {stage}; set the plugin's zero_stage")
+    model = engine.module
+    model.store.use_deepspeed(DeepSpeedView(stage, engine.optimizer))
+    return model
 
 
 def prepare_for_accelerate(model: nn.Module) -> nn.Module:
-    """Before ``accelerator.prepare`` with a ZeRO-3 DeepSpeed plugin: register the tensors that adapted layers
-    read outside their children's forwards (idempotent; harmless under ZeRO-2)."""
+    """Call before creating the ``Accelerator`` with a DeepSpeed plugin: imports DeepSpeed the way this module does
+    (no JIT build on CPU) and registers the tensors adapted layers read outside their children's forwards
+    (needed by ZeRO-3, harmless under ZeRO-2)."""
     import_deepspeed()
     register_external_parameters(model)
     return model

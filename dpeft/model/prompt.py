@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from dpeft.config import PeftConfig
-from dpeft.store import detach_holders
+from dpeft.store import PEFT_PREFIX, detach_holders
 
 #: Where the encoders' tensors hang under the tuner, and the store's module name for them.
 PROMPT_MODULE = "prompt_encoder"
@@ -81,11 +81,16 @@ def add_prompt_adapter(tuner: nn.Module, adapter_name: str, config: PeftConfig, 
     if produces == KV and any(getattr(m, "gradient_checkpointing", False) for m in tuner.model.modules()):
         raise ValueError(f"{config.peft_type} does not work with gradient checkpointing; disable it first")
     word_embeddings = word_embeddings_of(tuner.model)
+    if word_embeddings is None:
+        raise ValueError(
+            f"{config.peft_type} needs the base model's input embeddings (`get_input_embeddings()`), which "
+            f"{type(tuner.model).__name__} does not provide; use a transformers model"
+        )
     encoder = method.make_encoder(config)
-    device = word_embeddings.weight.device if word_embeddings is not None else None
-    # PEFT's encoders are plain float32 modules whatever the base dtype.
-    # Always initialised: a checkpoint holds the encoder's output only, and the rest (an encoder network) keeps
-    # its init, as in PEFT. `after_allocation` (vocabulary or text init) is skipped when a load follows.
+    # float32 whatever the base dtype, as PEFT's encoder modules. Always initialised (a checkpoint holds only the
+    # encoder's output; the rest keeps its init, as in PEFT); `after_allocation` (vocabulary or text init) is
+    # skipped when a load follows.
+    device = word_embeddings.weight.device
     entry = tuner.store.declare(tuner, PROMPT_MODULE, adapter_name, encoder.specs, device=device, dtype=torch.float32)
     if init:
         encoder.after_allocation(entry.params, word_embeddings)
@@ -254,11 +259,22 @@ HEAD_PREFIX = "base_model."
 def prompt_saved_state(tuner: nn.Module, adapter_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Store-keyed full tensors of a prompt adapter -> what PEFT saves: the encoder's output (`prompt_embeddings`)
     and the saved heads under PEFT's prompt-learning key names."""
-    from dpeft.store import PEFT_PREFIX
-
     encoder, entry = tuner.prompt_encoders[adapter_name]
+    return _saved(encoder, state, {name: entry.peft_key(name) for name in entry.specs})
+
+
+def exported_prompt_state(config: PeftConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`prompt_saved_state` with no model, for `dpeft export`: `state` holds the store's tensors of an adapter
+    with `config` (as saved, e.g. training-mode encoder weights) read from a distributed checkpoint."""
+    from dpeft.methods import get_method
+
+    encoder = get_method(config.peft_type).make_encoder(config)
+    return _saved(encoder, state, {s.name: f"{PEFT_PREFIX}{PROMPT_MODULE}.{s.save_suffix}" for s in encoder.specs})
+
+
+def _saved(encoder: Any, state: dict[str, torch.Tensor], keys: dict[str, str]) -> dict[str, torch.Tensor]:
     state = dict(state)
-    own = {name: state.pop(entry.peft_key(name)) for name in entry.specs}
+    own = {name: state.pop(key) for name, key in keys.items()}
     with torch.no_grad():
         out = encoder.saved_state(own)
     out.update({HEAD_PREFIX + k.removeprefix(PEFT_PREFIX): v for k, v in state.items()})
@@ -271,8 +287,6 @@ def prompt_state_to_store(tuner: nn.Module, adapter_name: str, state: dict[str, 
     Raises:
         ValueError: if the encoder cannot take the saved prompt (see its `load_state`) or a tensor has another shape.
     """
-    from dpeft.store import PEFT_PREFIX
-
     encoder, entry = tuner.prompt_encoders[adapter_name]
     heads = {PEFT_PREFIX + k.removeprefix(HEAD_PREFIX): v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
     own = encoder.load_state({k: v for k, v in state.items() if not k.startswith(HEAD_PREFIX)})

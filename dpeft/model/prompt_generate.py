@@ -34,6 +34,7 @@ def patched_prepare(model: nn.Module, prepare: Callable[..., dict]) -> Iterator[
 
 
 def causal_generate(peft_model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """`generate` of a decoder-only model with the active prompt adapter (`task_ids` for multitask prompts)."""
     tuner = peft_model.base_model
     name = peft_model.active_adapter
     task_ids = kwargs.pop("task_ids", None)
@@ -45,21 +46,26 @@ def causal_generate(peft_model: nn.Module, args: tuple, kwargs: dict) -> Any:
         return tuner.model.generate(*args, **kwargs)
 
 
-def _causal_prepare(tuner: nn.Module, name: str, inputs: dict, task_ids: torch.Tensor | None) -> dict:
-    """PEFT's `prepare_inputs_for_generation` for prompt learning on decoder-only models."""
-    from transformers import Cache
+def _cache_key(inputs: dict) -> str:
+    """Where the model inputs carry the cache: ``cache`` (transformers >= 5.x) or ``past_key_values`` (older)."""
+    return "cache" if "cache" in inputs else KV
 
+
+def _is_empty(cache: Any) -> bool:
+    return cache is None or not cache.get_seq_length()
+
+
+def _causal_prepare(tuner: nn.Module, name: str, inputs: dict, task_ids: torch.Tensor | None) -> dict:
+    """PEFT's `prepare_inputs_for_generation` logic for prompt learning on decoder-only models: at the first step
+    the prompt enters (embeddings in front of the input's, or the key/value prefix as the cache); every step the
+    attention mask covers the virtual tokens and positions count them."""
     config = tuner.peft_config[name]
     kv = tuner.prompt_encoders[name][0].produces == KV
     n = config.num_virtual_tokens
-    position = inputs.get("cache_position")
-    prefill = position is not None and position[0] == 0
-    cache = inputs.get(KV)
-    if cache is not None:
-        # The cache is longer than the ids by the virtual tokens: after the first step only the last id is new.
-        seen = cache.get_seq_length() if isinstance(cache, Cache) else cache[0][0].shape[-2]
-        if seen >= inputs["input_ids"].shape[1]:
-            inputs["input_ids"] = inputs["input_ids"][:, -1:]
+    key = _cache_key(inputs)
+    first = _is_empty(inputs.get(key))
+    if not first and inputs["input_ids"].shape[1] > 1:
+        inputs["input_ids"] = inputs["input_ids"][:, -1:]  # the cache holds the rest (and the virtual tokens)
     mask = inputs.get("attention_mask")
     if isinstance(mask, dict):
         if len(mask) != 1:
@@ -68,25 +74,28 @@ def _causal_prepare(tuner: nn.Module, name: str, inputs: dict, task_ids: torch.T
     if mask is not None:
         if mask.dim() != 2:
             raise ValueError("prompt learning supports 2-D attention masks in generate; got a 4-D mask")
-        batch = inputs["input_ids"].shape[0]
-        inputs["attention_mask"] = pad_front(mask, batch, n, 1)
-    adjust_ids(config, kv, inputs, keep_token_types=False)
-    fresh = cache is None or (isinstance(cache, Cache) and not cache.get_seq_length())
-    if fresh and kv:
-        inputs[KV] = get_prompt(tuner, name, inputs["input_ids"].shape[0])
-    elif fresh:
+        inputs["attention_mask"] = pad_front(mask, inputs["input_ids"].shape[0], n, 1)
+    if kv:
+        adjust_ids(config, kv, inputs, keep_token_types=False)  # positions move past the prefix
+    else:
+        # generate's positions do not count the prompt embeddings: the model derives them from the cache.
+        inputs.pop("position_ids", None)
+        inputs.pop("cache_position", None)
+    if first and kv:
+        inputs[key] = get_prompt(tuner, name, inputs["input_ids"].shape[0])
+    elif first:
         embeds = word_embeddings_of(tuner.model)(inputs["input_ids"])
         prompts = get_prompt(tuner, name, embeds.shape[0], task_ids).to(embeds.dtype)
         inputs["inputs_embeds"] = torch.cat([prompts, embeds], dim=1)
         inputs["input_ids"] = None
-    if prefill and kv:
+    if first and kv and inputs.get("cache_position") is not None:
         inputs["cache_position"] = inputs["cache_position"] + n  # the prefix already fills the first positions
-    elif not kv:
-        inputs.pop("cache_position", None)  # the model derives positions from the longer inputs_embeds
     return inputs
 
 
 def seq2seq_generate(peft_model: nn.Module, kwargs: dict) -> Any:
+    """`generate` of an encoder-decoder model: prompt embeddings go in front of the encoder's input embeddings;
+    key/value prefixes are the decoder's cache at the first step."""
     tuner = peft_model.base_model
     name = peft_model.active_adapter
     config = tuner.peft_config[name]
@@ -94,15 +103,16 @@ def seq2seq_generate(peft_model: nn.Module, kwargs: dict) -> Any:
         raise ValueError("generate with a prompt-learning adapter needs input_ids (as in HF PEFT)")
     adjust_ids(config, False, kwargs, keep_token_types=False)
     if tuner.prompt_encoders[name][0].produces == KV:
+        from transformers import Cache
 
         def prepare(original, *a, **k):
             inputs = original(*a, **k)
+            key = _cache_key(inputs)
             first = k.get("is_first_iteration")
             if first is None:
-                cache = inputs.get(KV)
-                first = cache is None or not cache.get_seq_length()
+                first = _is_empty(inputs.get(key) if isinstance(inputs.get(key), Cache) else None)
             if first:
-                inputs[KV] = get_prompt(tuner, name, inputs["decoder_input_ids"].shape[0])
+                inputs[key] = get_prompt(tuner, name, inputs["decoder_input_ids"].shape[0])
             return inputs
 
         with patched_prepare(tuner.model, prepare):

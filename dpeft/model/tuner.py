@@ -192,7 +192,9 @@ class AdapterModel(nn.Module):
             return None
         first = next(iter(handlers.values()))
         dtype = _adapter_dtype(first.dtype, self.autocast_adapter_dtype)
-        return self.store.declare(self, "", adapter_name, specs, device=first.device, dtype=dtype, init=init, shared=True)
+        return self.store.declare(
+            self, "", adapter_name, specs, device=first.device, dtype=dtype, init=init, shared=True
+        )
 
     def _add_modules_to_save(self, adapter_name: str, config: PeftConfig) -> None:
         names = getattr(config, "modules_to_save", None) or []

@@ -70,7 +70,14 @@ class FsdpView:
 
     def get(self, entry) -> dict[str, torch.Tensor]:
         """The tensors registered for `entry` now: unsharded inside a wrapped forward, shards outside."""
-        return {name: module._parameters[leaf] for name, module, leaf in self.slots[id(entry)]}
+        try:
+            slots = self.slots[id(entry)]
+        except KeyError:
+            raise ValueError(
+                f"adapter {entry.adapter!r} on {entry.module_name} was added after apply_fsdp, so FSDP2 does not "
+                "manage its tensors; add every adapter before wrapping the model with apply_fsdp"
+            ) from None
+        return {name: module._parameters[leaf] for name, module, leaf in slots}
 
     def repoint(self, entries: list) -> None:
         """After `localize`: the entries' params are the plain parameters now registered."""

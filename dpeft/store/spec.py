@@ -30,6 +30,9 @@ class ParamSpec:
             always initialised by `init`, also when a checkpoint load fills the other tensors.
         layer_copies: For a shared (model-level) tensor: PEFT also saves it under every layer that uses it
             (RandLoRA), so those keys are written and read too (one tensor; loading copies each key into it).
+        attach: False for a saved tensor PEFT keeps outside the module tree (SHiRA's indices live in a plain dict):
+            the store holds, saves, loads and shards it, but registers it under no module, so module paths and the
+            model's `state_dict` keys stay PEFT's.
     """
 
     name: str
@@ -42,6 +45,7 @@ class ParamSpec:
     buffer: bool = False
     persistent: bool = True
     layer_copies: bool = False
+    attach: bool = True
 
     def __post_init__(self) -> None:
         assert ADAPTER in self.path, f"ParamSpec {self.name}: path {self.path} must contain ADAPTER"

@@ -98,8 +98,9 @@ class AdapterStore:
                         tensor.zero_()
                     else:
                         spec.init(tensor)
-            param = nn.Parameter(tensor, requires_grad=spec.trainable)
-            _attach(owner, spec.module_path(adapter), param)
+            param = nn.Parameter(tensor, requires_grad=spec.trainable and tensor.is_floating_point())
+            if spec.attach:
+                _attach(owner, spec.module_path(adapter), param)
             entry.params[spec.name] = param
         self._add(entry)
         return entry
@@ -452,6 +453,8 @@ assert not any(v for v in _HOLDER_STATE.values() if isinstance(v, (dict, set))),
 
 def _reattach(entry: Entry, name: str, param: nn.Parameter) -> None:
     """Register `param` (a shard) where `entry`'s tensor `name` was registered (and where it is aliased)."""
+    if not entry.specs[name].attach:
+        return
     path = entry.specs[name].module_path(entry.adapter)
     for owner in [entry.owner, *entry.aliases]:
         _attach(owner, path, param)

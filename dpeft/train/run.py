@@ -24,7 +24,7 @@ from dpeft.train.data import GlobalOrder, collate, load_splits
 from dpeft.train.loop import build_optimizer, clip_grad_norm, evaluate, loss_sum, lr_at, target_count
 from dpeft.train.models import build_model
 from dpeft.train.scaler import LossScaler
-from dpeft.train.setup import build_peft_model, resolve_backend, validate
+from dpeft.train.setup import build_peft_model, resolve_backend, validate, wrap_deepspeed
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -109,6 +109,10 @@ class _Trainer:
         self.model = build_peft_model(model.to(info.device), cfg, self.backend, info)
         self.params = self.model.store.optimizer_parameters()
         self.optimizer = build_optimizer(self.params, cfg.optim)
+        self.engine = None  # the DeepSpeed engine under the deepspeed backend: backward and step go through it
+        if self.backend == "deepspeed" and self.world > 1:
+            self.engine = wrap_deepspeed(self.model, self.optimizer, cfg, info)
+            self.optimizer = self.engine.optimizer  # what checkpoints save: DeepSpeed's partitions, via the store
         self.scaler = LossScaler(enabled=cfg.train.mixed_precision == "fp16")
         self.order = GlobalOrder(len(self.splits.train), cfg.train.seed)
         self.ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.output.dir, "checkpoints")
@@ -175,6 +179,8 @@ class _Trainer:
 
     def step(self, step: int) -> tuple[float, int]:
         """One optimizer step; returns (global-batch mean loss, tokens or samples in the global batch)."""
+        if self.engine is not None:
+            return self._engine_step(step)
         parts, count, units = self._micro_batches()
         local = torch.zeros((), dtype=torch.float64)
         for part in parts:
@@ -197,6 +203,22 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss = float(local) / count
         return (all_reduce_mean(loss) * self.world if self.world > 1 else loss), units
+
+    def _engine_step(self, step: int) -> tuple[float, int]:
+        """`step` under DeepSpeed: the engine averages gradients, clips and steps at the last micro-batch."""
+        parts, count, units = self._micro_batches()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.cfg.train.steps, self.cfg.optim)
+        local = torch.zeros((), dtype=torch.float64)
+        for part in parts:
+            with self.autocast():
+                logits = self.engine(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+            terms = loss_sum(logits, part["labels"], self.cfg.model.task)
+            # Already the global-batch share: DeepSpeed must not divide by the accumulation steps again.
+            self.engine.backward(terms * (self.world / count), scale_wrt_gas=False)
+            self.engine.step()
+            local += terms.detach().double().cpu()
+        return all_reduce_mean(float(local) / count) * self.world, units
 
     def evaluate(self) -> dict[str, float]:
         t = self.cfg.train

@@ -79,6 +79,29 @@ def build_peft_model(model: nn.Module, cfg: RunConfig, backend: str, info: DistI
     return peft_model
 
 
+def wrap_deepspeed(peft_model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, info: DistInfo):
+    """DeepSpeed ZeRO over the run's optimizer (built on the store's tensors); returns the engine.
+
+    DeepSpeed clips gradients itself (``gradient_clipping``) and steps at the last micro-batch of each step.
+    """
+    from dpeft.dist.deepspeed import apply_deepspeed
+
+    t, store = cfg.train, cfg.store
+    if t.mixed_precision == "fp16":
+        raise ValueError("store.backend=deepspeed runs float32 or bf16 here; set train.mixed_precision to no or bf16")
+    per_rank = t.global_batch_size // info.world_size
+    return apply_deepspeed(
+        peft_model,
+        optimizer,
+        zero_stage=store.deepspeed_zero_stage,
+        micro_batch_size=per_rank // t.grad_accum_steps,
+        grad_accum_steps=t.grad_accum_steps,
+        max_grad_norm=cfg.optim.max_grad_norm,
+        offload_optimizer=store.deepspeed_offload_optimizer and info.device.type == "cuda",
+        offload_param=store.deepspeed_offload_param and info.device.type == "cuda",
+    )
+
+
 def _wrap_fsdp(peft_model: nn.Module, cfg: RunConfig, info: DistInfo) -> None:
     """FSDP2 over the data-parallel group with the run's mixed-precision, offload and reshard options."""
     from dpeft.dist.fsdp import apply_fsdp, default_mesh, mixed_precision

@@ -49,11 +49,11 @@ def butterfly_permutation(dim: int, groups: int, chunk: int) -> torch.Tensor:
 
 def factor_permutations(
     dim: int, block_num: int, block_size: int, factors: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(perm, inverse perm) of each butterfly factor k: the factor is P_k blockdiag(R_k) P_k^T; the first is the
-    identity (None-free: an arange)."""
-    out = []
-    for k in range(factors):
-        perm = butterfly_permutation(dim, block_num // 2**k, block_size // 2) if factors > 1 else torch.arange(dim)
+) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """(perm, inverse perm) of each butterfly factor k (the factor is P_k blockdiag(R_k) P_k^T), or None where P_k
+    is the identity (always the first factor, and every factor when there is only one)."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None]
+    for k in range(1, factors):
+        perm = butterfly_permutation(dim, block_num // 2**k, block_size // 2)
         out.append((perm, torch.argsort(perm)))
     return out

@@ -73,8 +73,11 @@ class BOFTLayer(WeightFormLayer):
         (x @ B_0^T @ ... @ B_{m-1}^T) with `transpose`; M itself is never formed."""
         order = range(blocks.shape[0]) if transpose else reversed(range(blocks.shape[0]))
         for k in order:
-            perm, inverse = (t.to(x.device) for t in self.perms[k])
             factor = blocks[k].transpose(-2, -1) if transpose else blocks[k]
+            if self.perms[k] is None:
+                x = rotate_last(x, factor)
+                continue
+            perm, inverse = (t.to(x.device) for t in self.perms[k])
             x = rotate_last(x.index_select(-1, inverse), factor).index_select(-1, perm)
         return x
 

@@ -42,9 +42,7 @@ class VBLoRAHooks(ModelHooks):
         return out
 
     @staticmethod
-    def loaded_state(
-        config: PeftConfig, adapter_name: str, state: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def loaded_state(config: PeftConfig, adapter_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if not any(key.endswith(_INDICES) for key in state):
             return state
         out = {k: v for k, v in state.items() if not k.endswith((_INDICES, _WEIGHTS))}

@@ -23,7 +23,8 @@ class VeraConfig(TargetConfigMixin, PeftConfig):
         default=None, metadata={"help": "Module names (suffix match), a regex (full match), or 'all-linear'."}
     )
     projection_prng_key: int = field(
-        default=0, metadata={"help": "Seed of the shared projections vera_A / vera_B (regenerated from it if unsaved)."}
+        default=0,
+        metadata={"help": "Seed of the shared projections vera_A / vera_B (regenerated from it if unsaved)."},
     )
     save_projection: bool = field(
         default=True, metadata={"help": "Save vera_A / vera_B in the checkpoint (else regenerate them from the key)."}
