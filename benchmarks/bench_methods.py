@@ -26,6 +26,14 @@ CONFIGS = {
     "boft": lambda lib: lib.BOFTConfig(target_modules=["q_proj", "v_proj"], boft_block_size=8, task_type="CAUSAL_LM"),
     "hra": lambda lib: lib.HRAConfig(target_modules=["q_proj", "v_proj"], r=8, task_type="CAUSAL_LM"),
     "delora": lambda lib: lib.DeloraConfig(target_modules=["q_proj", "v_proj"], r=8, task_type="CAUSAL_LM"),
+    # Shared-basis and structured methods (vera, vblora and randlora read model-level shared tensors in every layer).
+    "vera": lambda lib: lib.VeraConfig(target_modules=["q_proj", "v_proj"], r=64, task_type="CAUSAL_LM"),
+    "vblora": lambda lib: lib.VBLoRAConfig(
+        target_modules=["q_proj", "v_proj"], r=4, num_vectors=64, vector_length=32, task_type="CAUSAL_LM"
+    ),
+    "randlora": lambda lib: lib.RandLoraConfig(target_modules=["q_proj", "v_proj"], r=16, task_type="CAUSAL_LM"),
+    "c3a": lambda lib: lib.C3AConfig(target_modules=["q_proj", "v_proj"], block_size=32, task_type="CAUSAL_LM"),
+    "shira": lambda lib: lib.ShiraConfig(target_modules=["q_proj", "v_proj"], r=8, task_type="CAUSAL_LM"),
 }
 
 

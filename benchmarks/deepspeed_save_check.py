@@ -49,7 +49,7 @@ def _rank(rank: int, world: int, port: int, lib: str, out_dir: str, queue) -> No
     model = module.get_peft_model(build_base(*SIZES["h512-l4"]), _lora(module))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    config = deepspeed_config(3, micro_batch_size=2)
+    config = deepspeed_config(3, micro_batch_size=2, param_persistence_threshold=0)  # partition every tensor
     if lib == "dpeft":
         from dpeft.dist.deepspeed import apply_deepspeed
 

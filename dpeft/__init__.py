@@ -21,6 +21,7 @@ from dpeft.methods.miss import MissConfig
 from dpeft.methods.multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from dpeft.methods.oft import OFTConfig
 from dpeft.methods.p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType
+from dpeft.methods.poly import PolyConfig
 from dpeft.methods.prefix_tuning import PrefixTuningConfig
 from dpeft.methods.prompt_tuning import PromptTuningConfig, PromptTuningInit
 from dpeft.methods.randlora import RandLoraConfig
@@ -72,6 +73,7 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "RandLoraConfig",
+    "PolyConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",

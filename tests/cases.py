@@ -416,3 +416,40 @@ CASES += [
     ),
     Case("shira-llama", "llama", shira(target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")),
 ]
+
+
+def poly(**kw) -> Callable[[], dpeft.PeftConfig]:
+    kw.setdefault("init_weights", False)  # random B: the adapter changes outputs at init
+    kw.setdefault("n_tasks", 3)
+    return lambda: dpeft.PolyConfig(**kw)
+
+
+CASES += [
+    # The models' inputs carry task_ids (one task per row); PEFT passes them to the layers only through its task
+    # classes, hence FEATURE_EXTRACTION on the custom model. Not mergeable (the change depends on each row's task).
+    Case(
+        "poly-linear",
+        "seq_mlp_tasks",
+        poly(target_modules=["lin0", "lin1"], r=2, task_type="FEATURE_EXTRACTION"),
+        mergeable=False,
+    ),
+    Case(
+        "poly-mhr-modules-to-save",
+        "seq_mlp_tasks",
+        poly(
+            target_modules=["lin0", "lin1"],
+            n_splits=2,
+            n_skills=3,
+            modules_to_save=["lin2"],
+            task_type="FEATURE_EXTRACTION",
+        ),
+        mergeable=False,
+    ),
+    Case("poly-llama", "llama_tasks", poly(r=4, n_skills=2, task_type="CAUSAL_LM"), mergeable=False),
+    Case(
+        "poly-llama-mhr",
+        "llama_tasks",
+        poly(target_modules=["q_proj", "down_proj"], n_splits=4, task_type="CAUSAL_LM"),
+        mergeable=False,
+    ),
+]

@@ -66,6 +66,16 @@ def assert_differs(actual: torch.Tensor, expected: torch.Tensor, min_diff: float
     assert diff > min_diff, f"{msg} outputs should differ but max abs diff is {diff:.3g}"
 
 
+@torch.no_grad()
+def perturbed(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """`model` in eval mode with every trainable tensor moved off its init by seeded noise (so each one matters)."""
+    g = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.add_(torch.randn(param.shape, generator=g) * scale)
+    return model.eval()
+
+
 def peft_config_of(config: dpeft.PeftConfig):
     """The HF PEFT config with the same fields (through the JSON dict both libraries read and write)."""
     import peft

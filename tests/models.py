@@ -20,6 +20,22 @@ class MLP(nn.Module):
         return self.lin2(self.relu(self.lin1(self.relu(self.lin0(X)))))
 
 
+class SeqMLP(nn.Module):
+    """Token embeddings through linear layers, with a transformers-style signature (keyword inputs, extras
+    ignored): the custom model for methods whose layers need 3-D inputs (Poly) under PEFT's task classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 12)
+        self.lin0 = nn.Linear(12, 20)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(20, 20)
+        self.lin2 = nn.Linear(20, 2)
+
+    def forward(self, input_ids=None, **kwargs):
+        return self.lin2(self.relu(self.lin1(self.relu(self.lin0(self.emb(input_ids))))))
+
+
 class EmbConv1D(nn.Module):
     """An embedding followed by a transformers `Conv1D` (GPT-2's linear layer)."""
 
@@ -161,6 +177,15 @@ MODELS = {
     "llama": (tiny_llama, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}),
     "bert": (tiny_bert_classifier, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}),
     "gpt2": (tiny_gpt2, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}),
+    # Inputs with one task index per row, for methods routed by task (Poly; the base models ignore task_ids).
+    "seq_mlp_tasks": (
+        lambda seed=0: _seeded(SeqMLP, seed),
+        lambda g: {"input_ids": torch.randint(0, 100, (4, 5), generator=g), "task_ids": torch.tensor([0, 2, 1, 2])},
+    ),
+    "llama_tasks": (
+        tiny_llama,
+        lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g), "task_ids": torch.tensor([1, 0])},
+    ),
 }
 
 

@@ -49,6 +49,7 @@ DPEFT_ALL = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PolyConfig",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",
@@ -235,7 +236,9 @@ def _method_words() -> re.Pattern:
         words.add(method.name.lower())
         words.add(method.prefix.rstrip("_").lower())
     # "QLoRA" names the quantized-base recipe (any method on a 4-bit base), not a method.
-    alternatives = [rf"(?<!q){re.escape(w)}" if w == "lora" else re.escape(w) for w in sorted(words)]
+    # ... and "missing" is English, not the MiSS method.
+    special = {"lora": r"(?<!q)lora", "miss": r"miss(?!ing)"}
+    alternatives = [special.get(w, re.escape(w)) for w in sorted(words)]
     return re.compile("|".join(alternatives), re.IGNORECASE)
 
 

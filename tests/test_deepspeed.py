@@ -7,6 +7,9 @@ merged weights. Tolerances: float32 with a different reduction order only (per-r
 averaging of gradients and its flat fp32 master copies): 1e-5 absolute on losses near 4, 1e-5 on outputs and
 merged weights of order 1 after 5 AdamW steps.
 
+ZeRO-3 runs set ``stage3_param_persistence_threshold=0``: DeepSpeed's default keeps tensors under 1e5 elements (all
+of this tiny model) whole on every rank, which would leave the partitioned paths untested.
+
 DeepSpeed's start-up takes tens of seconds per rank on the shared 2-core box, so every DeepSpeed run is slow-marked.
 """
 
@@ -80,7 +83,8 @@ def _wrap(model, opt, stage: int, world: int, via: str):
     from dpeft.dist import deepspeed as ds
 
     if via == "apply":
-        engine = ds.apply_deepspeed(model, opt, zero_stage=stage, micro_batch_size=GLOBAL_BATCH // world)
+        config = ds.deepspeed_config(stage, micro_batch_size=GLOBAL_BATCH // world, param_persistence_threshold=0)
+        engine = ds.apply_deepspeed(model, opt, config=config)
 
         def backward(loss: torch.Tensor) -> None:
             engine.backward(loss)
@@ -90,7 +94,7 @@ def _wrap(model, opt, stage: int, world: int, via: str):
     from accelerate import Accelerator, DeepSpeedPlugin
 
     ds.prepare_for_accelerate(model)
-    config = ds.deepspeed_config(stage, micro_batch_size=GLOBAL_BATCH // world)
+    config = ds.deepspeed_config(stage, micro_batch_size=GLOBAL_BATCH // world, param_persistence_threshold=0)
     accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config))
     engine, _ = accelerator.prepare(model, opt)
     ds.attach_prepared(engine)

@@ -44,6 +44,12 @@ METHOD_CASES: dict[str, tuple[str, dict]] = {
     "loha": ("LOHA", dict(target_modules=ATTN, r=4, alpha=8, init_weights=False)),
     "lokr": ("LOKR", dict(target_modules=ATTN, r=4, alpha=8, init_weights=False)),
     "oft": ("OFT", dict(target_modules=ATTN, r=0, oft_block_size=4, init_weights=False)),
+    "oft-embedding-exact-cayley": (
+        "OFT",
+        dict(
+            target_modules=["embed_tokens", "q_proj"], oft_block_size=4, use_cayley_neumann=False, init_weights=False
+        ),
+    ),
     "boft": ("BOFT", dict(target_modules=ATTN, boft_block_size=4, boft_n_butterfly_factor=2, init_weights=False)),
     "hra": ("HRA", dict(target_modules=ATTN, r=4, init_weights=False)),
     "hra-gram-schmidt": ("HRA", dict(target_modules=ATTN, r=3, apply_GS=True, init_weights=False)),
@@ -76,6 +82,9 @@ METHOD_CASES: dict[str, tuple[str, dict]] = {
     "shira": ("SHIRA", dict(target_modules=ATTN, r=2, init_weights=False)),
 }
 NOT_MERGEABLE: set[str] = set()  # registered methods that have no merged form (e.g. prompt learning)
+NOT_MERGEABLE.add("POLY")  # the change depends on each row's task; tests/test_method_poly.py checks the refusal
+# Prompt learning changes the inputs, not a weight: test_prompt_adapter_is_refused checks the refusal.
+NOT_MERGEABLE.update({"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"})
 ATOL = 1e-5
 IDS = torch.tensor([[1, 5, 9, 13, 2, 40, 63, 7], [3, 3, 8, 21, 50, 11, 0, 17]])
 
@@ -426,3 +435,11 @@ def test_safe_merge_stops_on_nan(llama_dir: str, tmp_path) -> None:
     with pytest.raises(ValueError, match=r"NaN or inf in model\.layers\.1\.self_attn\.v_proj\.weight"):
         run_merge(llama_dir, [str(tmp_path / "adapter")], out, safe_merge=True, ignore_name_mismatch=True)
     _nothing_written(tmp_path, out)
+
+
+def test_prompt_adapter_is_refused(llama_dir: str, tmp_path) -> None:
+    config = dpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    dpeft.get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match="(?i)merge"):
+        run_merge(llama_dir, [str(tmp_path / "adapter")], str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]

@@ -105,7 +105,7 @@ def test_refusals():
         dpeft.get_peft_model(build("emb_conv1d")[0], dpeft.MissConfig(target_modules=["conv1d"], r=1))
     with pytest.raises(ValueError, match="less than or equal to in_features"):
         dpeft.get_peft_model(build("mlp")[0], dpeft.MissConfig(target_modules=["lin0"], r=11))
-    with pytest.raises(ValueError, match=r"\[r, r\] blocks"):
+    with pytest.raises(ValueError, match=r"into \[r, r\]"):
         dpeft.get_peft_model(build("mlp")[0], dpeft.MissConfig(target_modules=["lin0"], r=4, init_weights="bat"))
     with pytest.raises(ValueError, match="mini_r"):
         dpeft.get_peft_model(

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from conftest import assert_close, out, peft_config_of
-from models import build
+from models import build, output
 from torch import nn
 
 import dpeft
@@ -177,3 +177,38 @@ def test_orthogonal_family_on_a_4bit_base(factory):
         assert_close(out(ours, kw), expected, atol=1e-5)
         merged = ours.merge_and_unload(quantized_merge="dequantize")
         assert_close(out(merged, kw), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        pytest.param(
+            lambda: dpeft.OFTConfig(target_modules=["q_proj", "v_proj"], oft_block_size=8, init_weights=False),
+            id="oft",
+        ),
+        pytest.param(
+            lambda: dpeft.BOFTConfig(
+                target_modules=["q_proj", "v_proj"], boft_block_size=8, boft_n_butterfly_factor=2, init_weights=False
+            ),
+            id="boft",
+        ),
+        pytest.param(lambda: dpeft.HRAConfig(target_modules=["q_proj", "v_proj"], r=4, init_weights=False), id="hra"),
+    ],
+)
+def test_bfloat16_base_float32_adapter(factory):
+    """On a bf16 base the adapter tensors are float32 (as for every method); outputs stay bf16, gradients reach the
+    adapter, and merging / unmerging into the bf16 weights changes the outputs by bf16 rounding only."""
+    base, kw = build("llama")
+    model = dpeft.get_peft_model(base.to(torch.bfloat16), factory())
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    model.train()
+    output(model, kw).float().pow(2).mean().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        expected = out(model, kw)
+        assert expected.dtype == torch.bfloat16
+        model.merge_adapter()
+        assert_close(out(model, kw).float(), expected.float(), atol=1e-2)
+        model.unmerge_adapter()
+        assert_close(out(model, kw).float(), expected.float(), atol=1e-2)

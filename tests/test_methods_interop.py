@@ -153,6 +153,17 @@ DEFAULT_INIT += [
     ("miss-mini", "llama", lambda: dpeft.MissConfig(r=8, init_weights="mini", mini_r=4, task_type="CAUSAL_LM")),
 ]
 RANDOM_INIT += [("miss-random", "mlp", lambda: dpeft.MissConfig(target_modules=["lin0"], r=3, init_weights=False))]
+# Poly (its math, routing, training parity and sharded run: tests/test_method_poly.py); inputs carry task_ids.
+DEFAULT_INIT += [("poly", "llama_tasks", lambda: dpeft.PolyConfig(n_tasks=2, n_skills=3, task_type="CAUSAL_LM"))]
+RANDOM_INIT += [
+    (
+        "poly-random-mhr",
+        "seq_mlp_tasks",
+        lambda: dpeft.PolyConfig(
+            target_modules=["lin0", "lin1"], n_tasks=3, n_splits=2, init_weights=False, task_type="FEATURE_EXTRACTION"
+        ),
+    )
+]
 ALL = [pytest.param(m, f, id=i) for i, m, f in DEFAULT_INIT + RANDOM_INIT]
 
 

@@ -79,6 +79,7 @@ METHODS = [
         peft_merge=False,
     ),
     MethodRow("fourierft", "FourierFTConfig", {"n_frequency": 16, "scaling": 10.0}, peft_bnb=False, peft_merge=False),
+    MethodRow("miss", "MissConfig", {"r": 2, "init_weights": False}, peft_bnb=False),  # PEFT: a quant backend
     # PEFT's SVDLinear4bit/8bitLt have no merge: only forward and checkpoints are compared with PEFT.
     MethodRow(
         "adalora",

@@ -19,7 +19,7 @@ from dpeft.checkpoint.dcp_manifest import MANIFEST, read_manifest
 from dpeft.checkpoint.hf_shards import DTYPES, TensorFiles
 from dpeft.config import PeftConfig, get_peft_config
 from dpeft.config.peft_config import CONFIG_NAME
-from dpeft.methods import MethodLayer
+from dpeft.methods import MethodLayer, get_method
 from dpeft.model import AdaptedLayer, ModulesToSaveWrapper, PeftModel, task_model_class
 from dpeft.model.state import normalize_keys
 from dpeft.store import PEFT_PREFIX, Entry
@@ -120,6 +120,13 @@ def build_skeleton(base_dir: str, configs: list[PeftConfig]) -> PeftModel:
     """The base model on the meta device (no memory for weights) with adapters ``adapter0..`` injected."""
     import transformers
 
+    for cfg in configs:
+        if get_method(cfg.peft_type).make_layer is None:  # it adapts no layer (prompt learning): no weight changes
+            raise ValueError(
+                f"a {cfg.peft_type} adapter changes the model's inputs, not its weights, so it cannot be merged "
+                "into a checkpoint; serve it with PeftModel.from_pretrained instead"
+            )
+
     config = transformers.AutoConfig.from_pretrained(base_dir)
     archs = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in archs if hasattr(transformers, a)), None)
@@ -216,6 +223,12 @@ def build_plan(peft_model: PeftModel, base: TensorFiles, sources: list[AdapterSo
                 continue  # model-level tensors (VeRA's projections): read through each layer's link, below
             module = model.get_submodule(entry.module_name)
             if isinstance(module, AdaptedLayer):
+                if not module.methods[name].can_merge:  # a method whose change depends on more than the weights
+                    kind = peft_model.peft_config[name].peft_type
+                    raise ValueError(
+                        f"adapter {source.path}: {kind} adapters cannot be merged into the base weights "
+                        f"({entry.module_name} has no merged form)"
+                    )
                 base_layer, handler = module.base_layer, module.handler
                 w_name = resolve(f"{entry.module_name}.{_param_name(base_layer, handler.weight_param)}")
                 _check_shape(base, w_name, tuple(handler.weight_param.shape), source)

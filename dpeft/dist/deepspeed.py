@@ -20,12 +20,12 @@ modules that never run a forward of their own, so every tensor under an adapted 
 base layer's weight, which DoRA and merging read outside the base layer's forward) is registered as an external
 parameter of that layer (``register_external_parameter``): gathered for the adapted layer's forward and backward.
 
-This module is the only one that imports deepspeed (lazily); ``DS_ACCELERATOR=cpu`` is set when CUDA is missing.
+This module and `deepspeed_view` are the only ones that import deepspeed (lazily, inside functions);
+``DS_ACCELERATOR=cpu`` is set when CUDA is missing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Iterator
@@ -34,6 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from dpeft.dist.deepspeed_view import DeepSpeedView, gathered
 
 ZERO_STAGES = (2, 3)
 
@@ -73,6 +75,7 @@ def deepspeed_config(
     offload_optimizer: bool = False,
     offload_param: bool = False,
     bf16: bool = False,
+    param_persistence_threshold: int | None = None,
 ) -> dict[str, Any]:
     """A DeepSpeed config dict for ZeRO `zero_stage` (2 or 3) with an optimizer built by the caller.
 
@@ -84,6 +87,8 @@ def deepspeed_config(
         offload_optimizer: Keep optimizer state on the CPU (meaningful on GPU; a no-op on a CPU run).
         offload_param: ZeRO-3 only: keep parameters on the CPU between uses.
         bf16: Train in bfloat16 with fp32 master weights.
+        param_persistence_threshold: ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's
+            default, 1e5, keeps typical LoRA tensors and small bases unpartitioned); 0 partitions everything.
     """
     if zero_stage not in ZERO_STAGES:
         raise ValueError(f"zero_stage={zero_stage!r} is not available; choose one of {list(ZERO_STAGES)}")
@@ -94,6 +99,8 @@ def deepspeed_config(
         zero["offload_optimizer"] = {"device": "cpu"}
     if offload_param:
         zero["offload_param"] = {"device": "cpu"}
+    if param_persistence_threshold is not None and zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = int(param_persistence_threshold)
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -195,16 +202,6 @@ def prepare_for_accelerate(model: nn.Module) -> nn.Module:
     return model
 
 
-@contextlib.contextmanager
-def gathered(params: list[nn.Parameter], modify: bool = False) -> Iterator[None]:
-    """Full values of ZeRO-3 `params` inside the block on every rank (a collective); with `modify`, values written
-    there (the same on every rank) are kept: rank 0's are broadcast and re-partitioned on exit."""
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
-    with GatheredParameters(params, modifier_rank=0 if modify else None):
-        yield
-
-
 def merge_and_unload(model: nn.Module, **kwargs: Any) -> nn.Module:
     """`PeftModel.merge_and_unload` under ZeRO-3: each adapted layer is gathered, merged and re-partitioned in
     turn (one layer's full weights at a time), then the adapters are unloaded.
@@ -220,185 +217,6 @@ def merge_and_unload(model: nn.Module, **kwargs: Any) -> nn.Module:
             with gathered(list(layer.parameters()), modify=True):
                 layer.merge(safe_merge=kwargs.get("safe_merge", False), adapter_names=names)
     return model.merge_and_unload(**kwargs)
-
-
-class DeepSpeedView:
-    """How the store reads and writes tensors that DeepSpeed partitions (set by `apply_deepspeed`).
-
-    Args:
-        stage: ZeRO stage (2: parameters full on every rank; 3: flat partitions, ``param.ds_tensor``).
-        optimizer: DeepSpeed's ZeRO optimizer, whose fp32 master copies and state hold the trained values.
-    """
-
-    def __init__(self, stage: int, optimizer) -> None:
-        self.stage = stage
-        self.optimizer = optimizer
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self._mesh = None
-
-    # ---------------------------------------------------------------- parameters
-    def full_tensor(self, param: nn.Parameter) -> torch.Tensor:
-        """The full value of `param` (the model's copy, which the forward uses); a collective under ZeRO-3."""
-        if self.stage == 2:
-            return param.detach()
-        with gathered([param]):
-            return param.detach().clone()
-
-    def live(self, param: nn.Parameter) -> torch.Tensor:
-        """The tensor as this rank holds it, for integrity checks: ZeRO-3's flat partition as a sharded `DTensor`
-        (its statistics are summed over ranks), the full parameter under ZeRO-2."""
-        if self.stage == 2:
-            return param.detach()
-        part = param.ds_tensor.detach()
-        return self._dtensor(part, (part.numel() * self.world,))
-
-    def dtensor(self, param: nn.Parameter, shape: tuple[int, ...]):
-        """This rank's ``torch.chunk`` rows of `param` as a ``Shard(0)`` `DTensor` over `shape` (a copy)."""
-        full = self.full_tensor(param)
-        return self._dtensor(self._rows(full, shape).clone(), shape)
-
-    @torch.no_grad()
-    def load_full(self, param: nn.Parameter, value: torch.Tensor) -> None:
-        """Set `param` (model copy and, if trained, fp32 master) from its full value; every rank calls this."""
-        value = value.detach().to(param.device)
-        if self.stage == 2:
-            param.data.copy_(value.to(param.dtype))
-        else:
-            with gathered([param], modify=True):
-                param.data.copy_(value.to(param.dtype).view(param.ds_shape))
-        if param.requires_grad:
-            from deepspeed.utils import safe_set_full_fp32_param
-
-            safe_set_full_fp32_param(param, value.float().view(param.shape if self.stage == 2 else param.ds_shape))
-
-    def load_rows(self, param: nn.Parameter, rows: torch.Tensor, shape: tuple[int, ...]) -> None:
-        """Set `param` from this rank's ``Shard(0)`` rows of it (all ranks call this: the rows are all-gathered)."""
-        self.load_full(param, self._unrows(rows, shape))
-
-    # ---------------------------------------------------------------- optimizer state
-    def optimizer_state(self, store) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(tensors for DCP, manifest entry) in `dpeft.checkpoint.dcp_optim`'s format: one group over the store's
-        trainable tensors, each state tensor shaped like its parameter saved as ``Shard(0)`` rows."""
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        keys = store.param_keys()
-        params = store.optimizer_parameters()
-        names, step = self._state_names()
-        tensors: dict[str, Any] = {}
-        meta_state = {}
-        for param in params:
-            key, shape, _ = keys[id(param)]
-            entries = {}
-            for name in names:
-                full = safe_get_full_optimizer_state(param, name).view(shape)
-                tensors[_optim_key(key, name)] = self._dtensor(self._rows(full, shape).clone(), shape)
-                entries[name] = {"kind": "param", "shape": list(shape), "dtype": str(full.dtype)[6:]}
-            if step is not None:
-                tensors[_optim_key(key, "step")] = step.detach().clone()
-                entries["step"] = {"kind": "tensor", "shape": list(step.shape), "dtype": str(step.dtype)[6:]}
-            meta_state[key] = entries
-        group = {k: _json(v) for k, v in self.optimizer.param_groups[0].items() if k != "params"}
-        group["params"] = [keys[id(p)][0] for p in params]
-        cls = type(self.optimizer.optimizer).__name__
-        return tensors, {"class": cls, "param_groups": [group], "state": meta_state}
-
-    def load_optimizer_state(self, store, meta: dict[str, Any], path: str, stage: str, loaded=None) -> dict:
-        """``stage="prepare"``: check and return placeholders for DCP; ``"apply"``: write them into DeepSpeed."""
-        keys = store.param_keys()
-        params = store.optimizer_parameters()
-        mine = [keys[id(p)][0] for p in params]
-        cls = type(self.optimizer.optimizer).__name__
-        saved = [k for g in meta["param_groups"] for k in g["params"]]
-        if meta["class"] != cls or saved != mine:
-            raise ValueError(
-                f"checkpoint {path!r} holds {meta['class']} state for {len(saved)} parameters; this DeepSpeed "
-                f"optimizer is {cls} over {len(mine)}. Build the same optimizer on model.store.optimizer_parameters()"
-            )
-        if stage == "prepare":
-            return self._placeholders(params, keys, meta)
-        from deepspeed.utils import safe_set_full_optimizer_state
-
-        step = None
-        for param in params:
-            key, shape, _ = keys[id(param)]
-            for name, info in meta["state"].get(key, {}).items():
-                value = loaded[_optim_key(key, name)]
-                if info["kind"] == "param":
-                    full = self._unrows(value.to_local(), shape).float()
-                    safe_set_full_optimizer_state(param, full.view(self._flat_shape(param)), name)
-                elif name == "step":
-                    step = value
-        hyper = {k: v for k, v in meta["param_groups"][0].items() if k != "params"}
-        for group in self.optimizer.param_groups:
-            group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in hyper.items()})
-        if step is not None:
-            for state in self.optimizer.optimizer.state.values():
-                if "step" in state:
-                    state["step"] = step.clone() if torch.is_tensor(state["step"]) else type(state["step"])(step)
-        return {}
-
-    def _placeholders(self, params, keys, meta) -> dict[str, Any]:
-        out = {}
-        for param in params:
-            key, shape, _ = keys[id(param)]
-            for name, info in meta["state"].get(key, {}).items():
-                if info["kind"] == "param":
-                    rows = self._rows(torch.empty(shape, dtype=getattr(torch, info["dtype"])), shape)
-                    out[_optim_key(key, name)] = self._dtensor(rows.clone(), shape)
-                elif info["kind"] == "tensor":
-                    out[_optim_key(key, name)] = torch.empty(info["shape"], dtype=getattr(torch, info["dtype"]))
-        return out
-
-    def _state_names(self) -> tuple[list[str], torch.Tensor | None]:
-        """Names of the base optimizer's per-element state (``exp_avg``...) and its step counter, if any."""
-        for flat, state in self.optimizer.optimizer.state.items():
-            names = [n for n, v in state.items() if torch.is_tensor(v) and v.numel() == flat.numel() and n != "step"]
-            step = state.get("step")
-            return names, (torch.as_tensor(step, dtype=torch.float32) if step is not None else None)
-        return [], None
-
-    def _flat_shape(self, param: nn.Parameter) -> tuple[int, ...]:
-        return tuple(param.ds_shape) if self.stage == 3 else tuple(param.shape)
-
-    # ---------------------------------------------------------------- rows <-> DTensor
-    def _rows(self, full: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        n = shape[0] if shape else 1
-        chunk = -(-n // self.world) if n else 0
-        start = min(n, self.rank * chunk)
-        return full.reshape(shape)[start : min(n, start + chunk)]
-
-    def _unrows(self, rows: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-        """The full tensor from every rank's ``torch.chunk`` rows (an all-gather, padded to equal sizes)."""
-        n = shape[0] if shape else 1
-        chunk = -(-n // self.world) if n else 0
-        row = rows.reshape(-1, *shape[1:]) if shape else rows.reshape(-1)
-        padded = torch.zeros((chunk, *shape[1:]), dtype=rows.dtype, device=rows.device)
-        padded[: row.shape[0]].copy_(row)
-        out = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(out, padded)
-        return torch.cat(out)[:n].reshape(shape)
-
-    def _dtensor(self, local: torch.Tensor, shape: tuple[int, ...]):
-        from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.tensor import DTensor, Shard
-
-        if self._mesh is None:
-            device = "cuda" if local.is_cuda else "cpu"
-            self._mesh = DeviceMesh.from_group(dist.group.WORLD, device, mesh_dim_names=("dp",))
-        stride = torch.empty(shape, device="meta").stride()
-        return DTensor.from_local(
-            local, self._mesh, [Shard(0)], run_check=False, shape=torch.Size(shape), stride=stride
-        )
-
-
-def _optim_key(param_key: str, name: str) -> str:
-    return f"optim/{param_key.removeprefix('adapter/')}/{name}"
-
-
-def _json(value: Any) -> Any:
-    if torch.is_tensor(value):
-        return value.item() if value.numel() == 1 else value.tolist()
-    return list(value) if isinstance(value, tuple) else value
 
 
 __all__ = [

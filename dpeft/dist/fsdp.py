@@ -81,7 +81,8 @@ def apply_fsdp(
         offload_policy: A `torch.distributed.fsdp.CPUOffloadPolicy` (CUDA runs; parameters, gradients and optimizer
             state stay on the CPU), or None.
         reshard_after_forward: Free each block's unsharded parameters after its forward (re-gather in backward):
-            less memory, one more all-gather per block.
+            less memory, one more all-gather per block. The last block and the root never reshard after forward
+            (their backward follows at once), as in FSDP2's default for the root and torchtitan's for the last block.
 
     Returns:
         `model`, wrapped; ``model.store.backend`` is ``"fsdp2"`` and the optimizer must be built after this call,
@@ -109,9 +110,13 @@ def apply_fsdp(
     # initialised adapters (or heads) with different random draws.
     for param in root.parameters():
         dist.broadcast(param.data, src=dist.get_global_rank(mesh.get_group(), 0), group=mesh.get_group())
-    for block in transformer_blocks(root):
-        fully_shard(block, **kwargs)
-    fully_shard(root, **kwargs)
+    blocks = transformer_blocks(root)
+    for i, block in enumerate(blocks):
+        # The last block's backward comes right after its forward: resharding it would only gather it again.
+        fully_shard(block, **{**kwargs, "reshard_after_forward": reshard_after_forward and i < len(blocks) - 1})
+    # The root (embeddings, final norm, head) is needed again as soon as backward starts: kept unsharded between
+    # forward and backward, as FSDP2 itself does for a root by default.
+    fully_shard(root, **{**kwargs, "reshard_after_forward": False})
     store.use_fsdp(FsdpView.after_wrap(entries, before, lambda: unwrap_fsdp(root)))
     return model
 
@@ -122,6 +127,9 @@ def unwrap_fsdp(root: nn.Module) -> nn.Module:
     same on every rank; a collective) and the modules lose FSDP2's hooks and class. Returns `root`."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    wrapped = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    for module in wrapped:
+        module.reshard()  # the sharded DTensors are the values (a module kept unsharded after forward holds a copy)
     full: dict[int, nn.Parameter] = {}
     for module in root.modules():  # the same order on every rank: the collectives line up
         for leaf, param in list(module._parameters.items()):
@@ -130,13 +138,20 @@ def unwrap_fsdp(root: nn.Module) -> nn.Module:
             if id(param) not in full:
                 full[id(param)] = nn.Parameter(param.full_tensor().clone(), requires_grad=param.requires_grad)
             module._parameters[leaf] = full[id(param)]
-    for module in list(root.modules()):
-        if isinstance(module, FSDPModule):
-            state = fully_shard.state(module)
-            state._pre_forward_hook_handle.remove()
-            state._post_forward_hook_handle.remove()
-            # FSDP2 puts its class first in the MRO: [FSDP<Orig>, FSDPModule, Orig, ...].
-            module.__class__ = next(c for c in type(module).__mro__[1:] if not issubclass(c, FSDPModule))
+    for module in wrapped:
+        state = fully_shard.state(module)
+        state._pre_forward_hook_handle.remove()
+        state._post_forward_hook_handle.remove()
+        for group in state._fsdp_param_groups:  # its state-dict hooks would register the shards again
+            for handles in (
+                group._module_to_pre_save_state_dict_hook_handle,
+                group._module_to_pre_load_state_dict_hook_handle,
+            ):
+                for handle in handles.values():
+                    handle.remove()
+                handles.clear()
+        # FSDP2 puts its class first in the MRO: [FSDP<Orig>, FSDPModule, Orig, ...].
+        module.__class__ = next(c for c in type(module).__mro__[1:] if not issubclass(c, FSDPModule))
     return root
 
 

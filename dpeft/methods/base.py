@@ -46,10 +46,18 @@ class MethodLayer:
         """The input the base layer sees with this adapter active (e.g. IA3 on feedforward layers scales it)."""
         return x
 
+    #: Per-call keyword arguments of the model's forward this method reads (e.g. ``("task_ids",)``); the wrapper
+    #: passes each to `forward` as a keyword argument (None when the call did not give it; in a mixed-adapter
+    #: batch, tensors with one entry per batch row are cut to this adapter's rows). The method's registration
+    #: lists the same names (``register_method(..., forward_kwargs=...)``) so that `PeftModel` takes them out of
+    #: the call instead of passing them to the base model.
+    forward_kwargs: tuple[str, ...] = ()
+
     def forward(
         self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
     ) -> torch.Tensor:
-        """Return the layer output with this adapter applied, given the input and the output so far."""
+        """Return the layer output with this adapter applied, given the input and the output so far (methods with
+        `forward_kwargs` also take those as keyword arguments)."""
         raise NotImplementedError
 
     def fused_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:

@@ -87,6 +87,9 @@ class PromptEncoder:
     #: ``"embeddings"``: virtual-token embeddings prepended to the input; ``"past_key_values"``: per-layer
     #: key/value prefixes, given to the model as a cache.
     produces: ClassVar[str] = "embeddings"
+    #: Whether, on encoder-decoder models, the second half of the prompt goes in front of the decoder's inputs
+    #: (multitask prompt tuning) instead of going unused (prompt tuning, P-tuning), as in PEFT.
+    decoder_prompt: ClassVar[bool] = False
 
     def __init__(self, config: PromptLearningConfig) -> None:
         self.config = config

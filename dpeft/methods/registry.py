@@ -26,6 +26,10 @@ class Method:
             model methods, saved-state rules; AdaLoRA's rank allocation), instantiated per adapter; None otherwise.
         make_encoder: For prompt-learning methods, which adapt no layer (``make_layer=None``) but add virtual
             tokens to the model's input: builds the method's `PromptEncoder` from its config; None otherwise.
+        forward_kwargs: Names of per-call keyword arguments of the model's ``forward`` / ``generate`` that the
+            method's layers read (Poly's ``task_ids``): `PeftModel` takes them out of the call while an adapter of
+            the method is loaded and hands them to each layer's `MethodLayer.forward` (see
+            `MethodLayer.forward_kwargs`, which must list the same names).
     """
 
     name: str
@@ -35,6 +39,7 @@ class Method:
     shared_specs: object = None
     model_hooks: type | None = None
     make_encoder: object = None
+    forward_kwargs: tuple[str, ...] = ()
 
     def build_layer(self, handler: BaseHandler, config: PeftConfig, module_name: str) -> MethodLayer | None:
         return None if self.make_layer is None else self.make_layer(handler, config, module_name)
@@ -52,6 +57,7 @@ def register_method(
     shared_specs=None,
     model_hooks=None,
     make_encoder=None,
+    forward_kwargs: tuple[str, ...] = (),
 ) -> None:
     """Register a method under its `peft_type` name; a second registration of a name is an error."""
     if name in _METHODS:
@@ -60,7 +66,14 @@ def register_method(
         raise ValueError(f"{config_cls.__name__}.PEFT_TYPE is {config_cls.PEFT_TYPE!r}, expected {name!r}")
     register_config_class(name, config_cls)
     _METHODS[name] = Method(
-        name, config_cls, make_layer, prefix, shared_specs, model_hooks=model_hooks, make_encoder=make_encoder
+        name,
+        config_cls,
+        make_layer,
+        prefix,
+        shared_specs,
+        model_hooks=model_hooks,
+        make_encoder=make_encoder,
+        forward_kwargs=tuple(forward_kwargs),
     )
 
 

@@ -23,6 +23,8 @@ class ForwardContext:
 
     def __init__(self) -> None:
         self.adapter_names: list[str] | None = None
+        # Per-call keyword arguments the methods read (`MethodLayer.forward_kwargs`), set by `PeftModel.forward`.
+        self.extras: dict[str, object] = {}
 
 
 class AdaptedLayer(nn.Module):
@@ -66,11 +68,18 @@ class AdaptedLayer(nn.Module):
         return bool(self.merged_adapters)
 
     # ------------------------------------------------------------------ forward
-    def _apply_adapter(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+    def _apply_adapter(
+        self, name: str, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
         p = self.store.get(self.entries[name])
         if x.is_floating_point():
             x = x.to(_adapter_dtype(p))
-        return self.methods[name].forward(x, result, p, self.training)
+        method = self.methods[name]
+        if not method.forward_kwargs:
+            return method.forward(x, result, p, self.training)
+        batch = len(self.ctx.adapter_names or ())
+        extras = {k: _rows_of(self.ctx.extras.get(k), rows, batch) for k in method.forward_kwargs}
+        return method.forward(x, result, p, self.training, **extras)
 
     def _base_input(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
         """The base layer's input: `x` through the `transform_input` of each listed adapter that has one."""
@@ -144,7 +153,7 @@ class AdaptedLayer(nn.Module):
                 sub_result = self.base_layer(self._base_input(x_rows, [name]), *args, **kwargs)
             else:
                 sub_result = result.index_select(0, index)
-            sub = self._apply_adapter(name, x_rows, sub_result)
+            sub = self._apply_adapter(name, x_rows, sub_result, index)
             result = result.to(sub.dtype).index_copy(0, index, sub)
         return result if result.dtype == dtype else result.to(dtype)
 
@@ -193,6 +202,26 @@ class AdaptedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.methods)}, active={self.active_adapters}, merged={self.merged_adapters}"
+
+
+def check_mergeable(layers: Iterable[AdaptedLayer], adapter_names: Iterable[str] | None = None) -> None:
+    """Raise the `merge` error before any layer changes when one of the adapters to merge cannot be merged."""
+    names = None if adapter_names is None else set(adapter_names)
+    for layer in layers:
+        for name in layer.active_adapters if names is None else names:
+            method = layer.methods.get(name)
+            if method is not None and not method.can_merge and name not in layer.merged_adapters:
+                raise ValueError(
+                    f"adapter {name!r} on {method.module_name} cannot be merged ({type(method).__name__} has no "
+                    "merged form); keep the PeftModel for inference, or use unload() to get the base model back"
+                )
+
+
+def _rows_of(value: object, rows: torch.Tensor | None, batch: int) -> object:
+    """A per-call extra for the rows of one adapter in a mixed batch: a tensor with one entry per row is cut."""
+    if rows is None or not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] != batch:
+        return value
+    return value.index_select(0, rows.to(value.device))
 
 
 def _adapter_dtype(p: dict[str, torch.Tensor]) -> torch.dtype:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dpeft.config import PeftConfig
+from dpeft.model.forward_args import forward_extras
 from dpeft.model.layer import BASE_ADAPTER
 from dpeft.model.model_hooks import add_extra_losses
 from dpeft.model.prompt import prompt_forward
@@ -117,7 +118,7 @@ class PeftModel(nn.Module):
         (one name per batch row; ``"__base__"`` for no adapter)."""
         if self._prompt_active(adapter_names):
             return prompt_forward(self, self._prompt_task, _ids_from_args(args, kwargs))
-        with self._routing(adapter_names):
+        with self._routing(adapter_names), forward_extras(self.base_model, kwargs):  # e.g. task_ids
             outputs = self.get_base_model()(*args, **kwargs)
         return add_extra_losses(outputs, self.base_model.model_hooks)  # e.g. AdaLoRA's orthogonal regulariser
 
@@ -133,7 +134,7 @@ class PeftModel(nn.Module):
                 or 1
             )
             adapter_names = [n for n in adapter_names for _ in range(beams)]
-        with self._routing(adapter_names):
+        with self._routing(adapter_names), forward_extras(self.base_model, kwargs):
             return self.get_base_model().generate(*args, **kwargs)
 
     def _prompt_active(self, adapter_names: list[str] | None) -> bool:

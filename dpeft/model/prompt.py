@@ -188,7 +188,7 @@ def prompt_forward(peft_model: nn.Module, task: str, kwargs: dict) -> Any:
     name = peft_model.active_adapter
     config = tuner.peft_config[name]
     encoder = tuner.prompt_encoders[name][0]
-    kv, decoder_prompt = encoder.produces == KV, getattr(encoder, "decoder_prompt", False)
+    kv, decoder_prompt = encoder.produces == KV, encoder.decoder_prompt
     task_ids = kwargs.pop("task_ids", None)
     input_ids, inputs_embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
     batch, n = _batch_size(input_ids, inputs_embeds), config.num_virtual_tokens
@@ -198,12 +198,15 @@ def prompt_forward(peft_model: nn.Module, task: str, kwargs: dict) -> Any:
             kwargs[key] = pad_front(kwargs[key], batch, n, 1)
     adjust_ids(config, kv, kwargs, keep_token_types=task == "classification")
     if kv:
-        if task == "classification" and KV not in inspect.signature(base.forward).parameters:
+        params = inspect.signature(base.forward).parameters
+        # transformers 5.x names the argument `cache` (`past_key_values` still works there, with a warning).
+        key = "cache" if "cache" in params else KV
+        if task == "classification" and key not in params:
             raise ValueError(
-                f"{type(base).__name__}.forward takes no past_key_values, which prefix tuning needs; use prompt "
-                "tuning or P-tuning with this model"
+                f"{type(base).__name__}.forward takes no past_key_values (or cache), which prefix tuning needs; use "
+                "prompt tuning or P-tuning with this model"
             )
-        kwargs[KV] = get_prompt(tuner, name, batch)
+        kwargs[key] = get_prompt(tuner, name, batch)
         return base(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
     if inputs_embeds is None:
         inputs_embeds = word_embeddings_of(base)(input_ids)

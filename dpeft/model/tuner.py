@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from dpeft.config import PeftConfig
 from dpeft.methods import get_method
 from dpeft.methods.hooks import ModelHooks
-from dpeft.model.layer import AdaptedLayer, ForwardContext
+from dpeft.model.forward_args import forward_extras
+from dpeft.model.layer import AdaptedLayer, ForwardContext, check_mergeable
 from dpeft.model.model_hooks import add_extra_losses, check_new_adapter, exported, make_hooks
 from dpeft.model.modules_to_save import ModulesToSaveWrapper
 from dpeft.model.prompt import add_prompt_adapter, check_combination, is_prompt_model, remove_prompt_adapter
@@ -80,7 +81,12 @@ class AdapterModel(nn.Module):
             return hook if hook is not None else getattr(self.model, name)
 
     def forward(self, *args, **kwargs):
-        return add_extra_losses(self.model(*args, **kwargs), self.model_hooks)
+        with forward_extras(self, kwargs):  # keyword arguments methods read in their layers (task_ids)
+            return add_extra_losses(self.model(*args, **kwargs), self.model_hooks)
+
+    def generate(self, *args, **kwargs):
+        with forward_extras(self, kwargs):
+            return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ iteration
     def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
@@ -293,6 +299,7 @@ class AdapterModel(nn.Module):
                 "merge_adapter (merge in place, keep training) is not available under the fsdp2 backend: FSDP2 "
                 "re-gathers the unmerged shards at every forward. Use merge_and_unload(), which unwraps the model."
             )
+        check_mergeable((layer for _, layer in self.adapted_layers()), adapter_names)  # all or nothing
         for _, layer in self.adapted_layers():
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
@@ -311,6 +318,7 @@ class AdapterModel(nn.Module):
         check_quantized_merge(quantized_merge)
         if merge:
             _refuse_prompt_merge(self)
+            check_mergeable((layer for _, layer in self.adapted_layers()), adapter_names)  # before unwrapping any
             # A backend that wraps the whole model (fsdp2) gives it back with full weights on every rank first.
             self.store.localize()
         quantization = base_quantization(self.model) if merge else None

@@ -76,7 +76,8 @@ def evaluate_adapters(
         dataset: A `data.source` string, a mapping of RunConfig `data` fields, or a `DataSection`.
         metrics: 'loss', 'perplexity', 'accuracy' (seq_cls), and/or functions ``fn(model, batch) -> dict``.
         num_actors: Actors, each holding one copy of the base; 0 evaluates in this process without Ray.
-        address: An existing Ray cluster; None uses the running one, or starts a local one for this call.
+        address: An existing Ray cluster to connect to; None starts a local one for this call (stopped after it).
+            When this process is already connected to Ray, that connection is used either way.
         runtime_env: The actors' Ray runtime environment (``env_vars``, ``pip``, ``working_dir``, ...).
         sort_by: Metric to sort by (default: the first named metric); failed rows come last.
         descending: Higher first; default: ascending for loss/perplexity, descending otherwise.
@@ -117,7 +118,12 @@ def evaluate_adapters(
     if "threads" not in options and num_cpus_per_actor >= 1:
         options["threads"] = int(num_cpus_per_actor)
     spec, refs, sort_by = prepare(base, adapters, dataset, metrics, adapters_glob, sort_by, output, options)
-    import ray
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError(
+            "evaluating on Ray actors needs ray: pip install 'dpeft[ray]', or pass num_actors=0 (--actors 0)"
+        ) from exc
 
     started = not ray.is_initialized()
     if started:

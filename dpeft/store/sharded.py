@@ -129,7 +129,8 @@ class ShardedBackend:
         self.world = dist.get_world_size(self.group)
         self.nccl = dist.get_backend(self.group) == "nccl"
         self.buckets: dict[tuple, Bucket] = {}
-        self._bucket_of_entry: dict[int, tuple[Bucket, list[int]]] = {}
+        # id(entry) -> [(bucket, item indices)]: one bucket per dtype the entry's tensors have (SHiRA's int indices).
+        self._bucket_of_entry: dict[int, list[tuple[Bucket, list[int]]]] = {}
         self._cache: dict[tuple, _Gathered] = {}
         self._pending: dict[tuple, tuple[torch.Tensor, object, tuple[int, ...]]] = {}
         self._tokens = itertools.count()
@@ -161,7 +162,12 @@ class ShardedBackend:
                 bucket.numel += layout.padded_numel
                 bucket.items.append((entry, name))
                 bucket.layouts.append(layout)
-                self._bucket_of_entry.setdefault(id(entry), (bucket, []))[1].append(len(bucket.items) - 1)
+                places = self._bucket_of_entry.setdefault(id(entry), [])
+                place = next((pl for pl in places if pl[0] is bucket), None)
+                if place is None:
+                    place = (bucket, [])
+                    places.append(place)
+                place[1].append(len(bucket.items) - 1)
             entry.sharded = True
         self._link_buckets()
 
@@ -178,7 +184,9 @@ class ShardedBackend:
                 a.next = b
 
     def layout(self, entry, name: str) -> ShardLayout:
-        bucket, idx = self._bucket_of_entry[id(entry)]
+        bucket, idx = next(
+            (b, i) for b, i in self._bucket_of_entry[id(entry)] if any(b.items[j][1] == name for j in i)
+        )
         return next(bucket.layouts[i] for i in idx if bucket.items[i][1] == name)
 
     def forget(self, adapter: str) -> None:
@@ -256,8 +264,13 @@ class ShardedBackend:
             del self._cache[bucket.key]
 
     def get(self, entry) -> dict[str, torch.Tensor]:
-        """Full tensors of a sharded entry, from its bucket's current gather or a new one."""
-        bucket, _ = self._bucket_of_entry[id(entry)]
+        """Full tensors of a sharded entry, from its buckets' current gathers or new ones."""
+        places = self._bucket_of_entry[id(entry)]
+        if len(places) == 1:
+            return self._get_from(entry, places[0][0])
+        return {name: t for bucket, _ in places for name, t in self._get_from(entry, bucket).items()}
+
+    def _get_from(self, entry, bucket: Bucket) -> dict[str, torch.Tensor]:
         cached = self._cache.get(bucket.key)
         grad = torch.is_grad_enabled()
         if (

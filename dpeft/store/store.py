@@ -89,6 +89,11 @@ class AdapterStore:
         a model-level entry (`owner` is the tuner, saved keys are ``base_model.<path>``); `link` gives its tensors to
         the layers that use them.
         """
+        if self._deepspeed is not None:  # DeepSpeed partitions and optimizes only what it was given at initialize
+            raise ValueError(
+                f"cannot add adapter {adapter!r} after DeepSpeed wrapped the model; add every adapter before "
+                "apply_deepspeed (or accelerator.prepare)"
+            )
         entry = Entry(adapter, module_name, {s.name: s for s in specs}, owner=owner, shared=shared)
         for spec in entry.specs.values():
             tensor = torch.empty(spec.shape, device=device, dtype=spec.dtype or dtype)

@@ -3,8 +3,9 @@
 Math: H = H_1 H_2 ... H_r with Householder reflections H_i = I - 2 u_i u_i^T of the unit columns u_i of the trainable
 `hra_u` (dim, r); with `apply_GS` the columns are first orthonormalised (Gram-Schmidt) and H = I - 2 U U^T. The
 merged weight is W' = W H (a convolution's weight flattened to (out, in*k*k)). A linear layer sees the input
-H^T x = H_r ... H_1 x, each reflection a rank-1 update, so H is never formed. Key name and init follow HF PEFT:
-`hra_u`, kaiming-uniform columns in equal pairs (H = I) for an even r, plain kaiming otherwise.
+H^T x = H_r ... H_1 x, computed in the compact WY form H = I - U T U^T (two skinny products), so H is never
+formed. Key name and init follow HF PEFT: `hra_u`, kaiming-uniform columns in equal pairs (H = I) for an even r,
+plain kaiming otherwise.
 """
 
 from __future__ import annotations
@@ -64,18 +65,30 @@ class HRALayer(WeightFormLayer):
             basis.append(v / v.norm())
         return torch.stack(basis, dim=1)
 
-    def _reflect(self, rows: torch.Tensor, u: torch.Tensor, reverse: bool) -> torch.Tensor:
-        """rows @ H (H_1 first) or, with `reverse`, rows @ H^T = rows @ H^-1 (H_r first), along the last dim."""
-        if self.apply_gs:  # H = I - 2 U U^T is symmetric: one rank-r update either way
-            return rows - 2.0 * (rows @ u) @ u.T
-        for i in reversed(range(self.r)) if reverse else range(self.r):
-            ui = u[:, i]
-            rows = rows - 2.0 * (rows @ ui).unsqueeze(-1) * ui
-        return rows
+    def _wy_factor(self, u: torch.Tensor) -> torch.Tensor:
+        """T (r, r) of the compact WY form H = H_1 ... H_r = I - U T U^T (T = 2I for orthonormal columns).
+
+        Appending a reflection I - 2 v v^T on the right gives T' = [[T, -2 T U^T v], [0, 2]], so T comes from the
+        r x r Gram matrix alone and H is applied with two skinny products instead of r passes over the rows."""
+        r = u.shape[1]
+        if self.apply_gs:
+            return 2.0 * torch.eye(r, dtype=u.dtype, device=u.device)
+        gram = u.T @ u
+        t = gram.new_full((1, 1), 2.0)
+        for k in range(1, r):
+            column = -2.0 * t @ gram[:k, k : k + 1]
+            bottom = torch.cat([gram.new_zeros(1, k), gram.new_full((1, 1), 2.0)], dim=1)
+            t = torch.cat([torch.cat([t, column], dim=1), bottom], dim=0)
+        return t
+
+    def _reflect(self, rows: torch.Tensor, u: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """rows @ H, or rows @ H^T (= rows @ H^-1) with `transpose`, along the last dim; H is never formed."""
+        t = self._wy_factor(u)
+        return rows - ((rows @ u) @ (t.T if transpose else t)) @ u.T
 
     # ------------------------------------------------------------------ forward
     def transform_input(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self._reflect(x, self._vectors(p), reverse=True)
+        return self._reflect(x, self._vectors(p), transpose=True)
 
     def forward(
         self, x: torch.Tensor, result: torch.Tensor, p: dict[str, torch.Tensor], training: bool
@@ -91,9 +104,9 @@ class HRALayer(WeightFormLayer):
     def merged(self, weight: torch.Tensor, p: dict[str, torch.Tensor], training: bool = False) -> torch.Tensor:
         u = self._vectors(p)
         rows = weight.to(u.dtype).reshape(weight.shape[0], -1)
-        return self._reflect(rows, u, reverse=False).reshape(weight.shape).to(weight.dtype)
+        return self._reflect(rows, u, transpose=False).reshape(weight.shape).to(weight.dtype)
 
     def unmerge_weight(self, weight: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         u = self._vectors(p)
         rows = weight.to(u.dtype).reshape(weight.shape[0], -1)
-        return self._reflect(rows, u, reverse=True).reshape(weight.shape).to(weight.dtype)
+        return self._reflect(rows, u, transpose=True).reshape(weight.shape).to(weight.dtype)

@@ -38,13 +38,13 @@ class ShiraLayer(MethodLayer):
             )
         self.scaling = 1.0
         zero = config.init_weights
-        indices = self._mask_indices(config, handler, n, module_name)
 
         def init_weight(t: torch.Tensor) -> None:
             t.copy_(torch.zeros(t.shape) if zero else torch.randn(t.shape))
 
         def init_indices(t: torch.Tensor) -> None:
-            t.copy_(indices)
+            # Only for a new adapter: a load fills the indices from the checkpoint and needs no mask function.
+            t.copy_(self._mask_indices(config, handler, n, module_name))
 
         self.specs = [
             ParamSpec("shira_weight", (n,), ("shira_weight", ADAPTER), init_weight),
@@ -64,8 +64,6 @@ class ShiraLayer(MethodLayer):
         if config.mask_fn is None and config.mask_type == "random":
             return random_mask_indices(handler.out_features, handler.in_features, n, config.random_seed)
         if config.mask_fn is None:
-            if config.inference_mode:  # a load fills the indices from the checkpoint
-                return torch.zeros(2, n, dtype=torch.int32)
             raise ValueError(
                 f"mask_type={config.mask_type!r} needs a mask function: set `config.mask_fn = fn` with "
                 "fn(base_layer, r, **kwargs) -> 0/1 mask of the base weight's shape"
