@@ -8,8 +8,8 @@ from dpeft.config import PeftConfig, TaskType, get_peft_config
 from dpeft.methods import PeftType, registered_methods
 from dpeft.methods.adalora import AdaLoraConfig
 from dpeft.methods.boft import BOFTConfig
-from dpeft.methods.delora import DeloraConfig
 from dpeft.methods.c3a import C3AConfig
+from dpeft.methods.delora import DeloraConfig
 from dpeft.methods.fourierft import FourierFTConfig
 from dpeft.methods.hra import HRAConfig
 from dpeft.methods.ia3 import IA3Config

@@ -147,9 +147,26 @@ def _integrity() -> dict:
     return out
 
 
+def _mixed_precision() -> dict:
+    """bf16 compute / fp32 reduce (FSDP2's MixedPrecisionPolicy): the loss stays near fp32's, state stays fp32."""
+    from dpeft.dist.fsdp import apply_fsdp, mixed_precision
+
+    local, _ = _pair("lora")
+    base, _ = build("llama")
+    torch.manual_seed(0)
+    policy = mixed_precision("bfloat16", "float32")
+    wrapped = apply_fsdp(dpeft.get_peft_model(base, CONFIGS["lora"]()), mp_policy=policy)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        diff = abs(_loss(wrapped, ids).item() - _loss(local, ids).item())
+    dtypes = {str(t.dtype) for t in wrapped.store.state_dict("default").values()}
+    return {"loss_diff": diff, "dtypes": dtypes}
+
+
 def _all(names: list[str]) -> dict:
     # One spawn for everything: starting ranks costs more than the checks.
-    return {**{name: _parity(name) for name in names}, "integrity": _integrity()}
+    out = {name: _parity(name) for name in names}
+    return {**out, "integrity": _integrity(), "mixed_precision": _mixed_precision()}
 
 
 def test_fsdp2_equals_one_process_and_refuses_corrupt_saves():
@@ -167,6 +184,8 @@ def test_fsdp2_equals_one_process_and_refuses_corrupt_saves():
             assert r["merged_diff"] < 1e-5 and r["weight_diff"] < 1e-6, (name, rank, r)
             assert r["merged_plain"], (name, rank)
     for r in per_rank:
+        mp = r["mixed_precision"]
+        assert 0 < mp["loss_diff"] < 0.05 and mp["dtypes"] == {"torch.float32"}, mp  # bf16 rounding, not fp32
         found = r["integrity"]
         assert "all zeros, but the model holds nonzero values" in found["zeros"][0], found
         assert "non-finite" in found["nan"][0], found

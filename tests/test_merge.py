@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 from models import tiny_gpt2, tiny_llama
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import dpeft
@@ -427,10 +427,12 @@ def test_hf_peft_adapter_equals_hf_peft_merge(use_dora: bool, llama_dir: str, tm
 
 def test_safe_merge_stops_on_nan(llama_dir: str, tmp_path) -> None:
     config = dpeft.LoraConfig(target_modules=["v_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
-    model = dpeft.get_peft_model(tiny_llama(), config)
-    with torch.no_grad():
-        model.get_base_model().model.layers[1].self_attn.v_proj.lora_B["default"].weight[0, 0] = float("nan")
-    model.save_pretrained(str(tmp_path / "adapter"))
+    dpeft.get_peft_model(tiny_llama(), config).save_pretrained(str(tmp_path / "adapter"))
+    # save_pretrained refuses non-finite tensors, so the bad file is written by hand (as another tool might).
+    path = str(tmp_path / "adapter" / "adapter_model.safetensors")
+    tensors = load_file(path)
+    tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"][0, 0] = float("nan")
+    save_file(tensors, path)
     out = str(tmp_path / "out")
     with pytest.raises(ValueError, match=r"NaN or inf in model\.layers\.1\.self_attn\.v_proj\.weight"):
         run_merge(llama_dir, [str(tmp_path / "adapter")], out, safe_merge=True, ignore_name_mismatch=True)
