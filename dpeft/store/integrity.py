@@ -37,17 +37,25 @@ def tensor_stats(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, flo
     """
     out: dict[str, tuple[float, float]] = {}
     by_mesh: dict[int, tuple[object, list[str], list[torch.Tensor]]] = {}
+    plain: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         tensor = tensor.detach()
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        stats = _local_stats(local)
         if hasattr(tensor, "to_local"):
             mesh = tensor.device_mesh
             by_mesh.setdefault(id(mesh), (mesh, [], []))
             by_mesh[id(mesh)][1].append(key)
-            by_mesh[id(mesh)][2].append(stats)
+            by_mesh[id(mesh)][2].append(_local_stats(tensor.to_local()))
+        elif tensor.is_floating_point() and tensor.numel():
+            plain[key] = tensor
         else:
+            stats = _local_stats(tensor)
             out[key] = (float(stats[0]), float(stats[1]))
+    # Plain float tensors (every save of one process): one multi-tensor norm for all of them. A finite norm means
+    # every element is finite; only a tensor whose norm is not pays for counting its bad elements.
+    norms = torch._foreach_norm(list(plain.values()), dtype=torch.float64) if plain else []
+    for (key, tensor), norm in zip(plain.items(), norms):
+        sq = float(norm) ** 2
+        out[key] = (0.0, sq) if math.isfinite(sq) else tuple(_local_stats(tensor).tolist())
     for mesh, keys, stats in by_mesh.values():
         import torch.distributed as dist
 
@@ -63,7 +71,15 @@ def tensor_stats(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[float, flo
 def _local_stats(local: torch.Tensor) -> torch.Tensor:
     if local.numel() == 0:
         return torch.zeros(2, dtype=torch.float64, device=local.device)
-    values = local.double() if local.is_floating_point() else local.to(torch.float64)
+    # One reduction in the common case: a finite float64 sum of squares means every element is finite (squares of
+    # float32/16 values cannot overflow float64); only a tensor that fails it pays for counting its bad elements.
+    if local.is_floating_point():
+        sq = torch.linalg.vector_norm(local, dtype=torch.float64).square()
+    else:
+        sq = local.to(torch.float64).square().sum()
+    if bool(torch.isfinite(sq)):
+        return torch.stack([sq.new_zeros(()), sq])
+    values = local.to(torch.float64)
     finite = torch.isfinite(values)
     bad = (~finite).sum().to(torch.float64)
     sq = torch.where(finite, values, 0.0).pow(2).sum()
