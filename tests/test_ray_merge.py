@@ -13,8 +13,7 @@ import dpeft
 from dpeft.checkpoint import merge_checkpoint
 
 pytest.importorskip("ray")
-# A Ray Train job costs ~20 s on an idle 2-core box (much more under load): opt-in with -m slow.
-pytestmark = [pytest.mark.dist, pytest.mark.slow]
+pytestmark = pytest.mark.dist  # one Ray Train job, ~30 s on 2 cores (the session shares one Ray cluster)
 
 
 def _files(folder: str) -> dict[str, bytes]:
