@@ -16,28 +16,13 @@ import time
 import warnings
 
 import torch
+from bench_methods import _model  # the same small llama as the other method benchmarks
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _config(lib):
     return lib.AdaLoraConfig(target_modules=TARGETS, init_r=12, target_r=8, total_step=10_000, task_type="CAUSAL_LM")
-
-
-def _model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config)
 
 
 def _step(model, optimizer, ids: torch.Tensor, step: int, train: bool) -> float:

@@ -335,7 +335,7 @@ class AdapterStore:
         self._require(adapter)
         state, seen = {}, set()
         for key, (entry, name) in self._by_key[adapter].items():
-            tensor = self._sharded.full_tensor(entry, name) if entry.sharded else self._full(entry.params[name])
+            tensor = self.gather(entry, name)
             # A shared tensor saved once per layer too (`ParamSpec.layer_copies`): files cannot hold one tensor twice.
             ptr = (tensor.device, tensor.untyped_storage().data_ptr())
             state[key] = tensor.clone() if ptr in seen and tensor.numel() else tensor
@@ -353,9 +353,6 @@ class AdapterStore:
             )
             for key, (entry, name) in self._by_key[adapter].items()
         }
-
-    def _full(self, param: nn.Parameter) -> torch.Tensor:
-        return full_value(param) if self._deepspeed is None else self._deepspeed.full_tensor(param)
 
     def _held(self, param: nn.Parameter) -> torch.Tensor:
         return param.detach() if self._deepspeed is None else self._deepspeed.live(param)
@@ -398,19 +395,12 @@ class AdapterStore:
             for key, tensor in state_dict.items():
                 entry, name = expected[key]
                 param = entry.params[name]
-                if entry.sharded:
-                    self._sharded.load_full(entry, name, tensor)
-                    continue
-                if self._fsdp is not None:
-                    load_full_into(param, tensor)
-                    continue
-                if self._deepspeed is not None:
-                    self._deepspeed.load_full(param, tensor)
-                    continue
-                if assign and tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
-                    param.data = tensor  # adopt the freshly read buffer: no second copy
-                else:
-                    param.copy_(tensor)
+                plain = not entry.sharded and self._fsdp is None and self._deepspeed is None
+                if plain and assign and tensor.dtype == param.dtype and tensor.device == param.device:
+                    if tensor.is_contiguous():
+                        param.data = tensor  # adopt the freshly read buffer: no second copy
+                        continue
+                self.write(entry, name, tensor)
 
     def _require(self, adapter: str) -> None:
         if adapter not in self._entries:
