@@ -453,3 +453,52 @@ CASES += [
         mergeable=False,
     ),
 ]
+
+
+# Prompt learning: virtual tokens in the inputs, no layer adapted. PEFT cannot merge prompts (nor route them per
+# row), so these rows skip the merge and mixed-batch checks. On causal LMs the outputs carry the virtual positions
+# in front (as in PEFT); the common checks compare the real positions with the base's (`models.real_positions`).
+PROMPT = {"mergeable": False, "mixed_batch": False, "tags": ("prompt-learning",)}
+
+
+def prompt_tuning(**kw) -> Callable[[], dpeft.PeftConfig]:
+    return lambda: dpeft.PromptTuningConfig(num_virtual_tokens=3, **kw)
+
+
+def prefix_tuning(**kw) -> Callable[[], dpeft.PeftConfig]:
+    return lambda: dpeft.PrefixTuningConfig(num_virtual_tokens=3, **kw)
+
+
+def p_tuning(**kw) -> Callable[[], dpeft.PeftConfig]:
+    return lambda: dpeft.PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=8, **kw)
+
+
+def multitask_prompt_tuning(**kw) -> Callable[[], dpeft.PeftConfig]:
+    return lambda: dpeft.MultitaskPromptTuningConfig(num_virtual_tokens=3, num_tasks=2, **kw)
+
+
+CASES += [
+    Case("prompt-tuning-llama", "llama", prompt_tuning(task_type="CAUSAL_LM"), **PROMPT),
+    Case("prompt-tuning-bert-seqcls", "bert", prompt_tuning(task_type="SEQ_CLS"), **PROMPT),
+    Case("prefix-tuning-llama", "llama", prefix_tuning(task_type="CAUSAL_LM"), **PROMPT),
+    Case(
+        "prefix-tuning-llama-projection",
+        "llama",
+        prefix_tuning(prefix_projection=True, encoder_hidden_size=12, task_type="CAUSAL_LM"),
+        # The file holds the projected prefix (as PEFT's): it loads for inference only, a trainable load is refused.
+        **{**PROMPT, "tags": ("prompt-learning", "inference-only-checkpoint")},
+    ),
+    Case("p-tuning-llama-mlp", "llama", p_tuning(task_type="CAUSAL_LM"), **PROMPT),
+    Case(
+        "p-tuning-llama-lstm", "llama", p_tuning(encoder_reparameterization_type="LSTM", task_type="CAUSAL_LM"), **PROMPT
+    ),
+    Case("p-tuning-bert-seqcls", "bert", p_tuning(task_type="SEQ_CLS"), **PROMPT),
+    # One task index per row (tests/models.py `llama_tasks`): each row gets its task's prompt.
+    Case("multitask-prompt-tuning-llama", "llama_tasks", multitask_prompt_tuning(task_type="CAUSAL_LM"), **PROMPT),
+    Case(
+        "multitask-prompt-tuning-bert-seqcls",
+        "bert_tasks",
+        multitask_prompt_tuning(num_ranks=2, task_type="SEQ_CLS"),
+        **PROMPT,
+    ),
+]

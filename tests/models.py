@@ -186,6 +186,10 @@ MODELS = {
         tiny_llama,
         lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g), "task_ids": torch.tensor([1, 0])},
     ),
+    "bert_tasks": (
+        tiny_bert_classifier,
+        lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g), "task_ids": torch.tensor([0, 1])},
+    ),
 }
 
 
@@ -205,3 +209,17 @@ def output(model, kwargs) -> torch.Tensor:
     """The main output tensor of any test model."""
     out = model(**kwargs)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def real_positions(outputs: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """The part of `outputs` that has a counterpart in the base model's outputs `base`.
+
+    A prompt-learning adapter on a causal LM returns outputs for its virtual tokens too, in front of the real ones
+    (as HF PEFT does); those are dropped. Outputs of the base's shape are returned unchanged.
+    """
+    if outputs.shape == base.shape:
+        return outputs
+    extra = outputs.shape[1] - base.shape[1] if outputs.dim() == base.dim() >= 2 else -1
+    same_rest = outputs.shape[0] == base.shape[0] and outputs.shape[2:] == base.shape[2:]
+    assert extra > 0 and same_rest, f"outputs {tuple(outputs.shape)} do not extend the base's {tuple(base.shape)}"
+    return outputs[:, extra:]

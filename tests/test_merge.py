@@ -77,6 +77,17 @@ METHOD_CASES: dict[str, tuple[str, dict]] = {
     # Shared model-level tensors: the merge reads them through each layer (tests/test_method_vera.py: unsaved ones).
     "vera": ("VERA", dict(target_modules=ATTN, r=8, init_weights=False)),
     "vblora": ("VBLORA", dict(target_modules=ATTN, vector_length=8, num_vectors=16, init_vector_bank_bound=0.5)),
+    # PEFT's top-k-only checkpoint form (indices + weights instead of logits), rebuilt by the method's load hook.
+    "vblora-topk": (
+        "VBLORA",
+        dict(
+            target_modules=ATTN,
+            vector_length=8,
+            num_vectors=16,
+            init_vector_bank_bound=0.5,
+            save_only_topk_weights=True,
+        ),
+    ),
     "randlora": ("RANDLORA", dict(target_modules=ATTN, r=8, randlora_alpha=8, init_weights=False)),
     "c3a": ("C3A", dict(target_modules=ATTN, block_size=8, init_weights="gaussian")),
     "shira": ("SHIRA", dict(target_modules=ATTN, r=2, init_weights=False)),

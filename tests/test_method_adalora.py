@@ -237,19 +237,3 @@ def test_allocation_under_sharded_backend_equals_local():
     for r in run_distributed(_sharded_allocation, 2):
         assert r["sharded"] == "sharded" and r["same_patterns"] and r["masked"], r
         assert r["value_diff"] < 1e-5, r
-
-
-def test_train_run_refuses_instead_of_skipping_the_allocation(tmp_path):
-    """`dpeft.train.run` does not run model-level hooks: an AdaLoRA run is refused, not trained as plain SVD-LoRA."""
-    import os
-
-    from dpeft.train import run
-
-    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny_llama.yaml")
-    overrides = ["peft.peft_type=ADALORA", "peft.total_step=10", "peft.r=8", "train.threads=1", "data.limit=16"]
-    threads = torch.get_num_threads()
-    try:
-        with pytest.raises(ValueError, match="model-level training steps"):
-            run(tiny, [*overrides, "train.progress_bar=false", f"output.dir={tmp_path}"])
-    finally:
-        torch.set_num_threads(threads)

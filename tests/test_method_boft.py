@@ -118,3 +118,32 @@ def test_unmerge_restores_the_base_weight():
     assert (q.base_layer.weight - weight).abs().max() > 1e-3
     model.unmerge_adapter()
     assert_close(q.base_layer.weight, weight, atol=1e-5)
+
+
+def test_several_active_adapters_multiply_with_two_butterfly_factors():
+    """``set_adapter(["a", "b"])`` with two butterfly factors (PEFT needs its CUDA extension for those; the PEFT
+    comparison with one factor is in test_method_hra.py): y = s_a s_b (x M_b M_a W^T) + bias, a dense reference."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 6))
+    weight, bias = base[0].weight.detach().clone(), base[0].bias.detach().clone()
+
+    def config():
+        return dpeft.BOFTConfig(target_modules=["0"], boft_block_size=2, boft_n_butterfly_factor=2, init_weights=False)
+
+    model = dpeft.get_peft_model(base, config())
+    model.add_adapter("b", config())
+    model.eval()
+    rot, scale = {}, {}
+    for name in ("default", "b"):
+        state = dpeft.get_peft_model_state_dict(model, adapter_name=name)
+        rot[name], scale[name] = (
+            _reference_matrix(state["base_model.model.0.boft_R"], 16),
+            state["base_model.model.0.boft_s"],
+        )
+    x = torch.randn(5, 16)
+    model.base_model.set_adapter(["default", "b"])
+    expected = (x @ rot["b"] @ rot["default"] @ weight.T) * (scale["default"] * scale["b"]).T + bias
+    with torch.no_grad():
+        assert_close(model(x), expected, atol=1e-5)
+        model.merge_adapter(["default", "b"])
+        assert_close(model(x), expected, atol=1e-5)

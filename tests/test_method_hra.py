@@ -81,3 +81,67 @@ def test_unmerge_restores_the_base_weight(gram_schmidt):
     assert (q.base_layer.weight - weight).abs().max() > 1e-3
     model.unmerge_adapter()
     assert_close(q.base_layer.weight, weight, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ several active adapters on one layer
+# (BOFT too: both compose through the weight, `MethodLayer.composes_through_weight`.)
+MULTI_CASES = [
+    pytest.param(
+        "llama",
+        lambda: dpeft.HRAConfig(target_modules=["q_proj", "down_proj"], r=3, init_weights=False),
+        id="hra-llama",
+    ),
+    pytest.param(
+        "llama",
+        lambda: dpeft.HRAConfig(target_modules=["q_proj", "v_proj"], r=2, apply_GS=True, init_weights=False),
+        id="hra-gram-schmidt",
+    ),
+    pytest.param(
+        "conv2d", lambda: dpeft.HRAConfig(target_modules=["conv2d"], r=2, init_weights=False), id="hra-conv2d"
+    ),
+    pytest.param(
+        "llama",
+        lambda: dpeft.BOFTConfig(
+            target_modules=["q_proj", "down_proj"], boft_block_size=4, init_weights=False
+        ),  # one butterfly factor: PEFT builds more only with its CUDA extension (test_method_boft.py: two)
+        id="boft-llama",
+    ),
+    pytest.param(
+        "conv2d",
+        lambda: dpeft.BOFTConfig(target_modules=["conv2d"], boft_block_size=5, init_weights=False),
+        id="boft-conv2d",
+    ),
+]
+
+
+@pytest.mark.parametrize(("model_name", "factory"), MULTI_CASES)
+def test_several_active_adapters_compose_as_in_peft(model_name, factory, tmp_path):
+    """``set_adapter(["a", "b"])``: PEFT multiplies the rotations (W H_a H_b for HRA; s_a s_b W M_a^T M_b^T for
+    BOFT), i.e. merging a, then b. dpeft's outputs equal PEFT's in both orders, and merging equals the forward."""
+    import warnings
+
+    from conftest import peft_config_of
+
+    peft = pytest.importorskip("peft")
+    _, kw = build(model_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        theirs = peft.get_peft_model(build(model_name)[0], peft_config_of(factory()))
+        theirs.add_adapter("b", peft_config_of(factory()))
+        theirs.save_pretrained(tmp_path)
+    ours = dpeft.PeftModel.from_pretrained(build(model_name)[0], tmp_path)
+    ours.load_adapter(tmp_path / "b", adapter_name="b")
+    theirs.eval()
+    outputs = []
+    for order in (["default", "b"], ["b", "default"]):
+        ours.base_model.set_adapter(order)
+        theirs.base_model.set_adapter(order)
+        with torch.no_grad():
+            expected = out(theirs, kw)
+            assert_close(out(ours, kw), expected, atol=1e-5, msg=str(order))
+            ours.merge_adapter(order)
+            assert_close(out(ours, kw), expected, atol=1e-5, msg=f"merged {order}")
+            ours.unmerge_adapter()
+        outputs.append(expected)
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-4, "the two orders should differ"

@@ -114,8 +114,8 @@ def test_config_rules():
         dpeft.OFTConfig(target_modules=["lin0"], r=2, oft_block_size=4)
     with pytest.raises(ValueError, match="exactly one of r"):
         dpeft.OFTConfig(target_modules=["lin0"], r=0, oft_block_size=0)
-    with pytest.raises(ValueError, match="coft"):
-        dpeft.OFTConfig(target_modules=["lin0"], coft=True)
+    with pytest.raises(ValueError, match="eps"):
+        dpeft.OFTConfig(target_modules=["lin0"], coft=True, eps=-1e-3)
     with pytest.raises(ValueError, match="bias"):
         dpeft.OFTConfig(target_modules=["lin0"], bias="lora_only")
     with pytest.warns(UserWarning, match="no effect"):
@@ -212,3 +212,177 @@ def test_bfloat16_base_float32_adapter(factory):
         assert_close(out(model, kw).float(), expected.float(), atol=1e-2)
         model.unmerge_adapter()
         assert_close(out(model, kw).float(), expected.float(), atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------------ constrained OFT
+def _reference_projection(vec: torch.Tensor, block: int, eps: float) -> torch.Tensor:
+    """COFT written out: each row's skew matrix S, if ||S||_F > eps / sqrt(rows), scaled onto that sphere."""
+    radius = eps / vec.shape[0] ** 0.5
+    rows = []
+    for row in vec:
+        s = torch.zeros(block, block, dtype=torch.float64)
+        iu = torch.triu_indices(block, block, 1)
+        s[iu[0], iu[1]] = row.double()
+        s = s - s.T
+        norm = torch.linalg.matrix_norm(s).item()
+        rows.append(row if norm <= radius else (row.double() * radius / norm).float())
+    return torch.stack(rows)
+
+
+def _coft_linear(eps: float = 0.05):
+    torch.manual_seed(0)
+    config = dpeft.OFTConfig(target_modules=["0"], oft_block_size=4, init_weights=False, coft=True, eps=eps)
+    return dpeft.get_peft_model(nn.Sequential(nn.Linear(12, 7)), config)
+
+
+def test_coft_projects_before_use_and_keeps_the_projection():
+    """As in PEFT: every forward first projects the stored rotation parameters (a row already inside the ball is
+    kept bit for bit), computes with them, and leaves the projected values in the adapter."""
+    model = _coft_linear(eps=0.05)
+    key = "base_model.model.0.oft_R.weight"
+    vec = dpeft.get_peft_model_state_dict(model)[key].clone()
+    vec[1] *= 1e-3  # well inside the ball
+    dpeft.set_peft_model_state_dict(model, {key: vec})
+    projected = _reference_projection(vec, 4, 0.05)
+    assert torch.equal(projected[1], vec[1]) and not torch.allclose(projected[0], vec[0])
+    x = torch.randn(3, 12)
+    layer = model.base_model.model[0].base_layer
+    expected = (x @ _reference_rotation(projected, 4, True, 5)) @ layer.weight.T + layer.bias
+    assert_close(model(x), expected, atol=1e-6)
+    stored = dpeft.get_peft_model_state_dict(model)[key]
+    assert_close(stored, projected, atol=1e-7)
+    assert torch.equal(stored[1], vec[1])
+    weight = layer.weight.detach().clone()
+    merged = model.merge_and_unload()
+    assert_close(merged[0].weight, weight @ _reference_rotation(projected, 4, True, 5).T, atol=1e-6)
+
+
+def test_coft_gradient_is_taken_at_the_projected_value():
+    """PEFT copies the projection into the parameter under no_grad: the gradient is the plain OFT gradient at the
+    projected point (no derivative of the projection itself)."""
+    model = _coft_linear(eps=0.05)
+    x = torch.randn(3, 12)
+    model(x).pow(2).sum().backward()
+    param = model.base_model.model[0].oft_R["default"].weight
+    plain = dpeft.get_peft_model(
+        nn.Sequential(nn.Linear(12, 7)),
+        dpeft.OFTConfig(target_modules=["0"], oft_block_size=4, init_weights=False),
+    )
+    plain.base_model.model[0].base_layer.load_state_dict(model.base_model.model[0].base_layer.state_dict())
+    dpeft.set_peft_model_state_dict(plain, dpeft.get_peft_model_state_dict(model))  # the projected values
+    plain(x).pow(2).sum().backward()
+    assert_close(param.grad, plain.base_model.model[0].oft_R["default"].weight.grad, atol=1e-6)
+
+
+COFT_LLAMA = dict(
+    target_modules=["q_proj", "v_proj"],
+    oft_block_size=8,
+    init_weights=False,
+    coft=True,
+    eps=0.3,
+    task_type="CAUSAL_LM",
+)
+
+
+def _adamw_losses(model, ids: torch.Tensor, steps: int = 4) -> list[float]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_coft_trains_like_peft_step_by_step():
+    """Same init, same AdamW steps: PEFT's losses and tensors (the projection is active at every step)."""
+    config = dpeft.OFTConfig(**COFT_LLAMA)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(21)
+    ours = dpeft.get_peft_model(build("llama")[0], config)
+    torch.manual_seed(21)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(build("llama")[0], peft_config_of(config))
+    ours_losses, theirs_losses = _adamw_losses(ours, ids), _adamw_losses(theirs, ids)
+    assert ours_losses[-1] < ours_losses[0] - 1e-3
+    for step, (a, b) in enumerate(zip(ours_losses, theirs_losses)):
+        assert abs(a - b) < 1e-5, f"step {step}: dpeft {a:.6f} vs PEFT {b:.6f}"
+    ours_sd, theirs_sd = dpeft.get_peft_model_state_dict(ours), peft.get_peft_model_state_dict(theirs)
+    assert ours_sd.keys() == theirs_sd.keys()
+    for key, value in ours_sd.items():
+        assert_close(value, theirs_sd[key], atol=1e-5, msg=key)
+    radius = COFT_LLAMA["eps"] / 2  # 4 blocks per layer: eps / sqrt(4)
+    assert max(v.norm(dim=1).max().item() for v in ours_sd.values()) * 2**0.5 > radius  # the ball was left...
+    with torch.no_grad():
+        ours(input_ids=ids)  # ...and the next forward projects back onto it
+    after = dpeft.get_peft_model_state_dict(ours)
+    assert max(v.norm(dim=1).max().item() for v in after.values()) * 2**0.5 <= radius * (1 + 1e-6)
+
+
+def test_coft_checkpoints_both_ways(tmp_path):
+    """An unprojected PEFT checkpoint loads in dpeft with PEFT's outputs (both project on first use); dpeft's
+    checkpoint loads in PEFT with the same outputs; coft and eps round-trip in adapter_config.json."""
+    config = dpeft.OFTConfig(**COFT_LLAMA)
+    _, kw = build("llama")
+    torch.manual_seed(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(build("llama")[0], peft_config_of(config)).eval()
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = dpeft.PeftModel.from_pretrained(build("llama")[0], tmp_path / "peft")
+    assert ours.peft_config["default"].coft and ours.peft_config["default"].eps == 0.3
+    with torch.no_grad():
+        assert_close(out(ours, kw), out(theirs, kw), atol=1e-5)
+    torch.manual_seed(5)
+    ours = dpeft.get_peft_model(build("llama")[0], config)
+    ours.save_pretrained(tmp_path / "dpeft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(build("llama")[0], tmp_path / "dpeft").eval()
+    assert theirs.peft_config["default"].coft and theirs.peft_config["default"].eps == 0.3
+    with torch.no_grad():
+        assert_close(out(theirs, kw), out(ours.eval(), kw), atol=1e-5)
+
+
+def _coft_sharded_run() -> dict:
+    """Rank-local: the same COFT AdamW steps on a local model (whole batch) and a sharded one (this rank's rows)."""
+    import copy
+
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    base, _ = build("llama")
+    twin = copy.deepcopy(base)
+    torch.manual_seed(0)
+    local = dpeft.get_peft_model(base, dpeft.OFTConfig(**COFT_LLAMA))
+    torch.manual_seed(0)
+    sharded = dpeft.get_peft_model(twin, dpeft.OFTConfig(**COFT_LLAMA))
+    sharded.store.shard()
+    ids = torch.randint(0, 64, (2 * world, 8), generator=torch.Generator().manual_seed(7))
+    local_losses = _adamw_losses(local, ids)
+    mine = _adamw_losses(sharded, ids.chunk(world)[rank])
+    means = []
+    for loss in mine:
+        t = torch.tensor(loss)
+        dist.all_reduce(t)
+        means.append(t.item() / world)
+    full, ref = sharded.store.state_dict("default"), local.store.state_dict("default")
+    return {
+        "loss_diff": max(abs(a - b) for a, b in zip(means, local_losses)),
+        "sd_diff": max((full[k] - v).abs().max().item() for k, v in ref.items()),
+        "sharded": sharded.store.collective,
+    }
+
+
+@pytest.mark.dist
+@pytest.mark.slow  # ~50 s on 2 shared cores (two spawned ranks import torch, transformers and build llama twice)
+def test_coft_sharded_backend_matches_local():
+    """The projection writes through the store: under the sharded backend each rank projects its own rows, and
+    training gives the local run's losses and tensors."""
+    from dist_utils import run_distributed
+
+    for r in run_distributed(_coft_sharded_run, 2):
+        assert r["sharded"] and r["loss_diff"] < 1e-5 and r["sd_diff"] < 1e-5, r

@@ -66,3 +66,50 @@ def test_shira_config_rules():
     config.mask_fn = lambda layer, r, **kw: torch.ones_like(layer.weight)
     with pytest.raises(ValueError, match="needs r \\* \\(in \\+ out\\) = 30"):
         dpeft.get_peft_model(build("mlp")[0], config)
+
+
+def test_shira_set_scale_matches_peft(tmp_path):
+    """PEFT's layer-level ``set_scale(adapter, scale)`` (SHiRA's scale is absolute, 1.0 at creation): outputs and
+    the merged model equal PEFT's; a layer without the adapter ignores it, as in PEFT."""
+    peft = pytest.importorskip("peft")
+    import warnings
+
+    from conftest import peft_config_of
+
+    config = dpeft.ShiraConfig(target_modules=["lin0", "lin1"], r=1, init_weights=False)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(build("mlp")[0], peft_config_of(config)).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = dpeft.PeftModel.from_pretrained(build("mlp")[0], tmp_path)
+    x = torch.randn(4, 10)
+    base = ours.base_model.model
+    scales = {"lin0": 0.5, "lin1": -2.0}
+    with torch.no_grad():
+        unscaled = ours(X=x)
+        for name, scale in scales.items():
+            getattr(base, name).set_scale("default", scale)
+            getattr(theirs.base_model.model, name).set_scale("default", scale)
+            getattr(base, name).set_scale("other", 7.0)  # not on this layer: ignored
+        assert (ours(X=x) - unscaled).abs().max() > 1e-3
+        assert_close(ours(X=x), theirs(X=x), atol=1e-6)
+        assert_close(
+            ours.base_model.model.lin0.get_delta_weight("default"),
+            theirs.base_model.model.lin0.get_delta_weight("default").to_dense(),
+            atol=1e-7,
+        )
+        ours.merge_adapter()
+        with pytest.raises(ValueError, match="unmerge it before set_scale"):
+            base.lin0.set_scale("default", 1.0)
+        assert_close(ours(X=x), theirs(X=x), atol=1e-6)
+        ours.unmerge_adapter()
+        base.lin0.set_scale("default", 1.0)
+        base.lin1.set_scale("default", 1.0)
+        assert_close(ours(X=x), unscaled, atol=1e-6)
+
+
+def test_set_scale_is_refused_by_methods_without_a_scale():
+    model = dpeft.get_peft_model(build("mlp")[0], dpeft.OFTConfig(target_modules=["lin0"], oft_block_size=5))
+    with pytest.raises(ValueError, match="OFTLayer has no adapter scale"):
+        model.base_model.model.lin0.set_scale("default", 0.5)

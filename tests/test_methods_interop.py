@@ -435,10 +435,25 @@ SHARDED_CONFIGS.update(
 )
 
 
+# Methods that route rows by task: their inputs carry `task_ids` (kept apart from SHARDED_CONFIGS, which other
+# tables read as weight-method rows without task ids). Neither has a merged form.
+SHARDED_TASK_CONFIGS = {
+    "poly": lambda: dpeft.PolyConfig(
+        target_modules=["q_proj", "v_proj"], n_tasks=2, n_skills=3, n_splits=2, init_weights=False
+    ),
+    "multitask-prompt-tuning": lambda: dpeft.MultitaskPromptTuningConfig(
+        num_virtual_tokens=3, num_tasks=2, num_ranks=2, task_type="CAUSAL_LM"
+    ),
+}
+
+
 def _sharded_parity(names: list[str]) -> dict:
     import test_sharded_store
 
-    test_sharded_store.CONFIGS.update(SHARDED_CONFIGS)  # runs in each spawned rank
+    # Runs in each spawned rank.
+    test_sharded_store.CONFIGS.update({**SHARDED_CONFIGS, **SHARDED_TASK_CONFIGS})
+    test_sharded_store.TASK_ROUTED.update(SHARDED_TASK_CONFIGS)
+    test_sharded_store.NOT_MERGEABLE.update(SHARDED_TASK_CONFIGS)
     return {name: test_sharded_store._parity(name) for name in names}
 
 
@@ -447,7 +462,7 @@ def _sharded_parity(names: list[str]) -> dict:
 def test_sharded_backend_matches_local_for_every_method():
     from dist_utils import run_distributed
 
-    names = list(SHARDED_CONFIGS)
+    names = list(SHARDED_CONFIGS) + list(SHARDED_TASK_CONFIGS)
     per_rank = run_distributed(_sharded_parity, 2, names)
     for name in names:
         for rank, r in enumerate(rank_results[name] for rank_results in per_rank):
@@ -580,14 +595,27 @@ PARITY += [
 ]
 
 
-def _train_losses(model, ids: torch.Tensor, seed: int) -> list[float]:
+# Row id -> model of tests/models.py for rows whose inputs carry one task index per row (default: "llama").
+PARITY_MODELS = {"poly": "llama_tasks", "multitask-prompt-tuning": "llama_tasks"}
+PARITY += [
+    pytest.param(lambda: dpeft.PolyConfig(n_tasks=2, n_skills=3, n_splits=2, task_type="CAUSAL_LM"), id="poly"),
+    pytest.param(
+        lambda: dpeft.MultitaskPromptTuningConfig(
+            num_virtual_tokens=3, num_tasks=2, num_ranks=2, task_type="CAUSAL_LM"
+        ),
+        id="multitask-prompt-tuning",
+    ),
+]
+
+
+def _train_losses(model, ids: torch.Tensor, seed: int, **extra: torch.Tensor) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.5)
     model.train()
     torch.manual_seed(seed)  # the dropout draws of both libraries start from the same state
     losses = []
     for _ in range(4):
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(input_ids=ids, labels=ids, **extra).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -596,15 +624,17 @@ def _train_losses(model, ids: torch.Tensor, seed: int) -> list[float]:
 
 
 @pytest.mark.parametrize("factory", PARITY)
-def test_training_matches_peft_step_by_step(factory):
+def test_training_matches_peft_step_by_step(factory, request):
     """Same seed, same init (see test_same_seed_gives_peft_tensors), same SGD steps: the same losses as PEFT,
     including rank and module dropout, whose random draws follow PEFT's order."""
+    model_name = PARITY_MODELS.get(request.node.callspec.id, "llama")
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    extra = {k: v for k, v in build(model_name)[1].items() if k != "input_ids"}  # e.g. task_ids
     torch.manual_seed(21)
-    ours = dpeft.get_peft_model(build("llama")[0], factory())
+    ours = dpeft.get_peft_model(build(model_name)[0], factory())
     torch.manual_seed(21)
-    theirs = _peft_model("llama", factory())
-    ours_losses, theirs_losses = _train_losses(ours, ids, 5), _train_losses(theirs, ids, 5)
+    theirs = _peft_model(model_name, factory())
+    ours_losses, theirs_losses = _train_losses(ours, ids, 5, **extra), _train_losses(theirs, ids, 5, **extra)
     assert ours_losses[-1] < ours_losses[0]
     for step, (a, b) in enumerate(zip(ours_losses, theirs_losses)):
         assert abs(a - b) < 1e-5, f"step {step}: dpeft {a:.6f} vs PEFT {b:.6f}"

@@ -42,6 +42,7 @@ from dpeft.checkpoint.dcp_manifest import (
     verify_checksums,
     write_manifest,
 )
+from dpeft.checkpoint.dcp_hooks import apply_hook_state, hook_placeholders, hook_state, restored_config_fields
 from dpeft.checkpoint.dcp_optim import load_optimizer_state, optimizer_state
 from dpeft.checkpoint.integrity import check_before_save, check_read_back
 from dpeft.dist import barrier, get_rank, get_world_size, is_distributed
@@ -51,10 +52,9 @@ _STEP = re.compile(r"^step-(\d{8})$")
 
 
 def _tuner(model: nn.Module):
-    tuner = getattr(model, "base_model", model)
-    if not hasattr(tuner, "store"):
-        raise TypeError(f"{type(model).__name__} has no dpeft adapters; build it with dpeft.get_peft_model first")
-    return tuner
+    from dpeft.model.tuner import tuner_of
+
+    return tuner_of(model)  # a prompt-learning PeftModel's `base_model` is the user's model, not the tuner
 
 
 def _store_ids(store) -> set[int]:
@@ -102,6 +102,7 @@ def save_checkpoint(
     # Checked before anything is written, on every rank (sums over shards are collectives); under fsdp2 the
     # fingerprint reads base shards with collectives too, so every rank computes it here, not rank 0 alone.
     norms = check_before_save(store, state)
+    hooks_state, hooks_meta = hook_state(tuner, store)  # methods' training state (AdaLoRA's importance averages)
     fingerprint = base_fingerprint(tuner.model, _store_ids(store))
     final, tmp = step_dir(root, step), os.path.join(root, f".tmp-step-{step:08d}")
     rank = get_rank()
@@ -116,6 +117,7 @@ def save_checkpoint(
     layouts = {key: (list(t.shape), str(t.dtype).removeprefix("torch.")) for key, t in state.items()}
     optim_state, optim_meta = optimizer_state(store, optimizer) if optimizer is not None else ({}, None)
     state.update(optim_state)
+    state.update(hooks_state)
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=tmp, no_dist=not is_distributed())
     rng_file = os.path.join(tmp, "rng", f"rank-{rank:05d}.pt")
@@ -124,6 +126,8 @@ def save_checkpoint(
     barrier()
     if rank == 0:
         manifest = _manifest(tuner, store, step, extra, optim_meta, tmp, fingerprint, norms, layouts)
+        if hooks_meta:
+            manifest["hooks"] = hooks_meta
         write_manifest(tmp, manifest)
         _publish(tmp, final)
         if keep_last is not None:
@@ -230,7 +234,10 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     tuner = _tuner(model)
     store = tuner.store
     fingerprint = base_fingerprint(tuner.model, _store_ids(store))
-    check_compatible(path, manifest, fingerprint, {n: c.to_dict() for n, c in tuner.peft_config.items()})
+    # Config fields that training rewrites (AdaLoRA's rank_pattern) come from the checkpoint, not the model.
+    restored = restored_config_fields(tuner, manifest)
+    configs = {n: {**c.to_dict(), **restored.get(n, {})} for n, c in tuner.peft_config.items()}
+    check_compatible(path, manifest, fingerprint, configs)
     if store._sharded is not None:
         store._sharded.drain()
     state = store.sharded_state_dict()
@@ -240,10 +247,11 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
         if manifest.get("optimizer") is None:
             raise ValueError(f"checkpoint {path!r} holds no optimizer state; call load_checkpoint without optimizer")
         placeholders = load_optimizer_state(store, optimizer, manifest["optimizer"], path, stage="prepare")
+    hooks_loaded = hook_placeholders(tuner, store, manifest, path)
     # Read into copies and check them against the manifest before the model's tensors change.
     staged = {key: tensor.clone() for key, tensor in state.items()}
     with _single_process_quiet():
-        dcp.load({**staged, **placeholders}, checkpoint_id=path, no_dist=not is_distributed())
+        dcp.load({**staged, **placeholders, **hooks_loaded}, checkpoint_id=path, no_dist=not is_distributed())
     check_read_back(path, staged, manifest)
     with torch.no_grad():
         for key, tensor in staged.items():
@@ -251,6 +259,10 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     store.load_sharded(staged)  # where `state` held copies (deepspeed), write the values back into the model
     if optimizer is not None:
         load_optimizer_state(store, optimizer, manifest["optimizer"], path, stage="apply", loaded=placeholders)
+    apply_hook_state(tuner, store, hooks_loaded)
+    for adapter, fields in restored.items():
+        for name, value in fields.items():
+            setattr(tuner.peft_config[adapter], name, value)
     rng_file = os.path.join(path, "rng", f"rank-{get_rank():05d}.pt")
     if os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=True))

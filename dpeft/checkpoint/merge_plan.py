@@ -20,7 +20,9 @@ from dpeft.checkpoint.hf_shards import DTYPES, TensorFiles
 from dpeft.config import PeftConfig, get_peft_config
 from dpeft.config.peft_config import CONFIG_NAME
 from dpeft.methods import MethodLayer, get_method
+from dpeft.methods.hooks import ModelHooks
 from dpeft.model import AdaptedLayer, ModulesToSaveWrapper, PeftModel, task_model_class
+from dpeft.model.model_hooks import loaded_state
 from dpeft.model.state import normalize_keys
 from dpeft.store import PEFT_PREFIX, Entry
 from dpeft.store.peft_io import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
@@ -63,7 +65,18 @@ class AdapterSource:
                 f"adapter {path!r} has neither {CONFIG_NAME} (a PEFT-format adapter folder) nor {MANIFEST} "
                 "(a dpeft distributed checkpoint step directory), and holds no complete step-XXXXXXXX checkpoint"
             )
+        names = self._apply_loaded_state(names)
         self._keys = {normalize_keys({k: None}).popitem()[0]: k for k in names}
+
+    def _apply_loaded_state(self, names: list[str]) -> list[str]:
+        """Tensors as the store holds them, for a method whose saved form differs (its `loaded_state` hook, e.g.
+        VB-LoRA's top-k-only checkpoints); the source is then read whole, as the in-memory loader reads it."""
+        hooks = get_method(self.config.peft_type).model_hooks
+        if hooks is None or hooks.loaded_state is ModelHooks.loaded_state:
+            return names  # the common case: stays lazy, each rank reads only what its shards need
+        state = {k: self._files.get(k) for k in names} if self._files is not None else self._tensors
+        self._files, self._tensors = None, loaded_state(self.config, "default", state)
+        return list(self._tensors)
 
     def keys(self) -> list[str]:
         return list(self._keys)

@@ -116,19 +116,38 @@ def deepspeed_config(
 
 
 def _adapted_layers(model: nn.Module) -> Iterator[nn.Module]:
-    tuner = getattr(model, "base_model", model)
-    for module in tuner.model.modules():
+    from dpeft.model.tuner import tuner_of
+
+    for module in tuner_of(model).model.modules():
         if hasattr(module, "entries") and hasattr(module, "base_layer"):
             yield module
 
 
 def register_external_parameters(model: nn.Module) -> None:
-    """ZeRO-3: make each adapted layer's forward gather every tensor under it (see the module docstring)."""
+    """ZeRO-3: make each forward that reads a store tensor gather it (see the module docstring).
+
+    Tensors under an adapted layer are gathered for that layer's forward and backward. The others that the store
+    declared (a prompt encoder's, read by the `PeftModel`'s own forward; a shared tensor no layer holds) are gathered
+    for the whole model's. Adopted modules (``modules_to_save`` copies) run their own forward, which DeepSpeed already
+    gathers; tensors outside the module tree (SHiRA's indices) are not DeepSpeed's and stay whole on every rank.
+    """
     from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
+    covered: set[int] = set()
     for layer in _adapted_layers(model):
         for param in layer.parameters():
             register_external_parameter(layer, param)
+            covered.add(id(param))
+    in_model = {id(p) for p in model.parameters()}
+    store = model.store
+    for adapter in store.adapters:
+        for entry in store.entries(adapter):
+            if entry.owner is None:
+                continue
+            for param in entry.params.values():
+                if id(param) in in_model and id(param) not in covered:
+                    register_external_parameter(model, param)
+                    covered.add(id(param))
 
 
 def apply_deepspeed(

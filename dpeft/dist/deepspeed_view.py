@@ -41,17 +41,22 @@ class DeepSpeedView:
         self._mesh = None
 
     # ---------------------------------------------------------------- parameters
+    def partitioned(self, param: nn.Parameter) -> bool:
+        """Whether ZeRO-3 partitions `param`: not ZeRO-2's, nor a store tensor registered under no module (SHiRA's
+        indices), which ``deepspeed.initialize`` never saw and every rank keeps whole."""
+        return self.stage == 3 and hasattr(param, "ds_tensor")
+
     def full_tensor(self, param: nn.Parameter) -> torch.Tensor:
         """The full value of `param` (the model's copy, which the forward uses); a collective under ZeRO-3."""
-        if self.stage == 2:
+        if not self.partitioned(param):
             return param.detach()
         with gathered([param]):
             return param.detach().clone()
 
     def live(self, param: nn.Parameter) -> torch.Tensor:
         """The tensor as this rank holds it, for integrity checks: ZeRO-3's flat partition as a sharded `DTensor`
-        (its statistics are summed over ranks), the full parameter under ZeRO-2."""
-        if self.stage == 2:
+        (its statistics are summed over ranks), the full parameter where it is not partitioned."""
+        if not self.partitioned(param):
             return param.detach()
         part = param.ds_tensor.detach()
         return self._dtensor(part, (part.numel() * self.world,))
@@ -65,8 +70,8 @@ class DeepSpeedView:
     def load_full(self, param: nn.Parameter, value: torch.Tensor) -> None:
         """Set `param` (model copy and, if trained, fp32 master) from its full value; every rank calls this."""
         value = value.detach().to(param.device)
-        if self.stage == 2:
-            param.data.copy_(value.to(param.dtype))
+        if not self.partitioned(param):
+            param.data.copy_(value.to(param.dtype).view(param.shape))
         else:
             with gathered([param], modify=True):
                 param.data.copy_(value.to(param.dtype).view(param.ds_shape))

@@ -16,17 +16,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dpeft.store.fsdp_view import FsdpView, locate_parameters
+from dpeft.store.fsdp_view import FsdpView, locate_parameters, plan_ownership
 from dpeft.store.sharded import block_index
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _tuner(model: nn.Module):
-    tuner = getattr(model, "base_model", model)
-    if not hasattr(tuner, "store"):
-        raise TypeError(f"{type(model).__name__} has no dpeft adapters; build it with dpeft.get_peft_model first")
-    return tuner
+    from dpeft.model.tuner import tuner_of
+
+    return tuner_of(model)  # a prompt-learning PeftModel's `base_model` is the user's model, not the tuner
 
 
 def default_mesh(group=None):
@@ -97,9 +96,14 @@ def apply_fsdp(
     mesh = mesh if mesh is not None else default_mesh()
     if mesh.ndim != 1:
         raise ValueError(f"apply_fsdp takes a 1-D data-parallel mesh; got a {mesh.ndim}-D one")
-    root = tuner.model
+    # The root is the module the user calls: a prompt-learning PeftModel looks up the input embeddings and runs its
+    # prompt encoders in its own forward, and model-level tensors (VeRA's projections) hang off the tuner.
+    root = model
     entries = [e for adapter in store.adapters for e in store.entries(adapter)]
     before = locate_parameters(root)
+    blocks = transformer_blocks(tuner.model)
+    # Checked before anything is wrapped: a refused model is left as it was.
+    root_owned, unregistered = plan_ownership(entries, before, blocks)
     kwargs = {
         "mesh": mesh,
         "reshard_after_forward": reshard_after_forward,
@@ -108,14 +112,18 @@ def apply_fsdp(
     }
     # Copies every rank's values from rank 0 first, as DDP and the sharded backend do: ranks may have
     # initialised adapters (or heads) with different random draws.
-    for param in root.parameters():
-        dist.broadcast(param.data, src=dist.get_global_rank(mesh.get_group(), 0), group=mesh.get_group())
-    blocks = transformer_blocks(root)
+    src = dist.get_global_rank(mesh.get_group(), 0)
+    for tensor in [*root.parameters(), *unregistered]:
+        dist.broadcast(tensor.data, src=src, group=mesh.get_group())
     for i, block in enumerate(blocks):
         # The last block's backward comes right after its forward: resharding it would only gather it again.
-        fully_shard(block, **{**kwargs, "reshard_after_forward": reshard_after_forward and i < len(blocks) - 1})
-    # The root (embeddings, final norm, head) is needed again as soon as backward starts: kept unsharded between
-    # forward and backward, as FSDP2 itself does for a root by default.
+        last = i == len(blocks) - 1
+        fully_shard(
+            block,
+            **{**kwargs, "reshard_after_forward": reshard_after_forward and not last, "ignored_params": root_owned},
+        )
+    # The root (embeddings, final norm, head, tensors shared by several blocks) is needed again as soon as backward
+    # starts: kept unsharded between forward and backward, as FSDP2 itself does for a root by default.
     fully_shard(root, **{**kwargs, "reshard_after_forward": False})
     store.use_fsdp(FsdpView.after_wrap(entries, before, lambda: unwrap_fsdp(root)))
     return model

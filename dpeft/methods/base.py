@@ -60,6 +60,21 @@ class MethodLayer:
         `forward_kwargs` also take those as keyword arguments)."""
         raise NotImplementedError
 
+    #: Whether several active adapters of this kind on one layer compose through the weight, as sequential merges in
+    #: the active order (PEFT's BOFT and HRA multiply their rotations): the wrapper then gets their joint output
+    #: from `chained_forward` of the first of them instead of calling each one's `forward`.
+    composes_through_weight: bool = False
+
+    def chained_forward(
+        self,
+        x: torch.Tensor,
+        result: torch.Tensor,
+        chain: list[tuple[MethodLayer, dict[str, torch.Tensor]]],
+        training: bool,
+    ) -> torch.Tensor:
+        """`result` (the base output) with every (method layer, tensors) of `chain` applied, in that order."""
+        raise NotImplementedError(f"{type(self).__name__} does not compose through the weight")
+
     def fused_forward(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:
         """Base output and this adapter's change computed together, or None where the method has no fused form.
 
@@ -79,6 +94,14 @@ class MethodLayer:
 
     def unmerge_weight(self, weight: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         return weight - self.delta_weight(p).to(weight.dtype)
+
+    def set_scale(self, scale: float) -> None:
+        """Set this adapter's output scale on this layer (PEFT's layer-level ``set_scale``, e.g. SHiRA's).
+
+        Raises:
+            ValueError: for a method without an adjustable scale (the default).
+        """
+        raise ValueError(f"{type(self).__name__} has no adapter scale: set_scale is not supported for this method")
 
     def merged_bias(self, bias: torch.Tensor | None, p: dict[str, torch.Tensor], sign: int) -> torch.Tensor | None:
         """The base bias after merging (``sign=1``) or unmerging (``sign=-1``); unchanged by default."""

@@ -14,6 +14,7 @@ from torch import nn
 from dpeft.methods import MethodLayer
 from dpeft.quant import BaseHandler
 from dpeft.store import AdapterStore, Entry, detach_holders
+from dpeft.store.holders import init_module_state
 
 BASE_ADAPTER = "__base__"
 
@@ -31,10 +32,10 @@ class AdaptedLayer(nn.Module):
     """A base layer with adapters on it. `base_layer` keeps PEFT's module path (``q_proj.base_layer.weight``)."""
 
     def __init__(self, base_layer: nn.Module, handler: BaseHandler, store: AdapterStore, ctx: ForwardContext) -> None:
-        super().__init__()
+        # nn.Module's attributes and ours straight into __dict__: nn.Module.__init__ and __setattr__ cost ~10x more
+        # per attribute, and injection builds one of these per adapted layer on the load path.
+        init_module_state(self)
         self._modules["base_layer"] = base_layer
-        # Plain attributes straight into __dict__: nn.Module.__setattr__ costs ~10x more per attribute, and
-        # injection builds one of these per adapted layer on the load path.
         self.__dict__.update(
             handler=handler,
             store=store,
@@ -49,6 +50,16 @@ class AdaptedLayer(nn.Module):
         self.entries: dict[str, Entry]
         self.active_adapters: list[str]
         self.merged_adapters: list[str]
+
+    def train(self, mode: bool = True) -> AdaptedLayer:
+        """`nn.Module.train` without its per-module ``__setattr__`` (an ``eval()`` after a load visits every layer)."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.__dict__["training"] = mode
+        for child in self._modules.values():
+            if child is not None:
+                child.train(mode)
+        return self
 
     # ------------------------------------------------------------------ adapters
     def add(self, adapter: str, method: MethodLayer, entry: Entry) -> None:
@@ -66,6 +77,19 @@ class AdaptedLayer(nn.Module):
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """PEFT's layer-level ``set_scale``: the scale of `adapter` on this layer, for methods that have one.
+
+        A layer without `adapter` ignores the call, as in PEFT. Unlike PEFT, a merged adapter is refused (its
+        merged weight was made with the old scale and unmerging with the new one would not restore the base).
+        """
+        method = self.methods.get(adapter)
+        if method is None:
+            return
+        if adapter in self.merged_adapters:
+            raise ValueError(f"adapter {adapter!r} is merged into {method.module_name}; unmerge it before set_scale")
+        method.set_scale(scale)
 
     # ------------------------------------------------------------------ forward
     def _apply_adapter(
@@ -105,12 +129,24 @@ class AdaptedLayer(nn.Module):
             fused = self._fused(self.active_adapters[0], x)
             if fused is not None:
                 return fused
-        result = self.base_layer(self._base_input(x, self.active_adapters), *args, **kwargs)
+        names = self.active_adapters
+        chain = [n for n in names if n in self.methods and self.methods[n].composes_through_weight]
+        if len(chain) > 1:  # e.g. several BOFT adapters: one rotation after the other, not a sum of changes
+            names = [n for n in names if n not in chain]
+        result = self.base_layer(self._base_input(x, names), *args, **kwargs)
         dtype = result.dtype
-        for name in self.active_adapters:
+        if len(chain) > 1:
+            result = self._apply_chain(chain, x, result)
+        for name in names:
             if name in self.methods:
                 result = self._apply_adapter(name, x, result)
         return result if result.dtype == dtype else result.to(dtype)
+
+    def _apply_chain(self, chain: list[str], x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The output of adapters that compose through the weight (`MethodLayer.composes_through_weight`)."""
+        pairs = [(self.methods[n], self.store.get(self.entries[n])) for n in chain]
+        x = x.to(_adapter_dtype(pairs[0][1])) if x.is_floating_point() else x
+        return pairs[0][0].chained_forward(x, result, pairs, self.training)
 
     def _plain_base_call(self) -> bool:
         """Whether calling the base layer is just its forward (no hooks that shard, gather or observe it)."""

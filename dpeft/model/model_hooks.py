@@ -40,12 +40,26 @@ def add_extra_losses(outputs: Any, hooks: dict[str, ModelHooks]) -> Any:
     loss = getattr(outputs, "loss", None)
     if not isinstance(loss, torch.Tensor):
         return outputs
+    extra = extra_loss(hooks)
+    if extra is not None:
+        outputs.loss = loss + extra  # transformers' ModelOutput keeps the attribute and the mapping entry in step
+    return outputs
+
+
+def extra_loss(hooks: dict[str, ModelHooks]) -> torch.Tensor | None:
+    """The sum of every adapter's extra loss term (for loops that compute the loss themselves), or None."""
+    total = None
     for h in hooks.values():
         extra = h.extra_loss()
         if extra is not None:
-            loss = loss + extra
-    outputs.loss = loss  # transformers' ModelOutput keeps the attribute and the mapping entry in step
-    return outputs
+            total = extra if total is None else total + extra
+    return total
+
+
+def after_optimizer_step(hooks: dict[str, ModelHooks], global_step: int) -> None:
+    """Run every adapter's per-step update after optimizer step `global_step`, before gradients are zeroed."""
+    for h in hooks.values():
+        h.after_optimizer_step(global_step)
 
 
 def saved_state(config: PeftConfig, adapter_name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

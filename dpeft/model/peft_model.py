@@ -15,7 +15,7 @@ from dpeft.config import PeftConfig
 from dpeft.model.forward_args import forward_extras
 from dpeft.model.layer import BASE_ADAPTER
 from dpeft.model.model_hooks import add_extra_losses
-from dpeft.model.prompt import prompt_forward
+from dpeft.model.prompt import prompt_forward, word_embeddings_of
 from dpeft.model.prompt_generate import causal_generate, seq2seq_generate
 from dpeft.model.state import get_peft_model_state_dict, set_peft_model_state_dict
 from dpeft.model.tuner import AdapterModel
@@ -48,14 +48,31 @@ class PeftModel(nn.Module):
     ) -> None:
         super().__init__()
         self._add_head_modules(peft_config)
-        self.base_model = AdapterModel(
+        self._is_prompt_learning = peft_config.is_prompt_learning
+        if self._is_prompt_learning:
+            # HF PEFT's layout: the user's model is `base_model`, the encoders are `prompt_encoder.<adapter>` and the
+            # input embeddings `word_embeddings`; the tuner is held unregistered (its model is `base_model`).
+            self.base_model = model
+        tuner = AdapterModel(
             model,
             {adapter_name: peft_config},
             adapter_name,
             autocast_adapter_dtype=autocast_adapter_dtype,
             init=not low_cpu_mem_usage,
+            prompt_root=self if self._is_prompt_learning else None,
         )
+        if self._is_prompt_learning:
+            object.__setattr__(self, "_prompt_tuner", tuner)
+            self.word_embeddings = word_embeddings_of(model)
+        else:
+            self.base_model = tuner
         self.special_peft_forward_args = {"adapter_names"}
+
+    @property
+    def _tuner(self) -> AdapterModel:
+        """The `AdapterModel` that holds the adapters: `base_model`, or for prompt learning the unregistered one."""
+        tuner = self.__dict__.get("_prompt_tuner")
+        return self._modules["base_model"] if tuner is None else tuner
 
     def _add_head_modules(self, config: PeftConfig) -> None:
         if not self.head_module_names or not hasattr(config, "modules_to_save"):
@@ -67,24 +84,24 @@ class PeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            if name in ("base_model", "_prompt_tuner"):
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self._tuner, name)  # the tuner's attributes, then the user's model's
 
     # ------------------------------------------------------------------ properties
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
-        return self.base_model.peft_config
+        return self._tuner.peft_config
 
     @property
     def active_adapter(self) -> str | None:
         """The active adapter (the first one when several are active; None once all are deleted)."""
-        active = self.base_model.active_adapter
+        active = self._tuner.active_adapter
         return active if isinstance(active, str) else (active[0] if active else None)
 
     @property
     def active_adapters(self) -> list[str]:
-        return self.base_model.active_adapters
+        return self._tuner.active_adapters
 
     @property
     def active_peft_config(self) -> PeftConfig:
@@ -92,10 +109,10 @@ class PeftModel(nn.Module):
 
     @property
     def store(self):
-        return self.base_model.store
+        return self._tuner.store
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+        return self._tuner.model
 
     # ------------------------------------------------------------------ forward
     @contextlib.contextmanager
@@ -106,7 +123,7 @@ class PeftModel(nn.Module):
         unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
         if unknown:
             raise ValueError(f"adapter_names contains unknown adapters {unknown}; loaded: {list(self.peft_config)}")
-        ctx = self.base_model.ctx
+        ctx = self._tuner.ctx
         previous, ctx.adapter_names = ctx.adapter_names, list(adapter_names)
         try:
             yield
@@ -118,9 +135,9 @@ class PeftModel(nn.Module):
         (one name per batch row; ``"__base__"`` for no adapter)."""
         if self._prompt_active(adapter_names):
             return prompt_forward(self, self._prompt_task, _ids_from_args(args, kwargs))
-        with self._routing(adapter_names), forward_extras(self.base_model, kwargs):  # e.g. task_ids
+        with self._routing(adapter_names), forward_extras(self._tuner, kwargs):  # e.g. task_ids
             outputs = self.get_base_model()(*args, **kwargs)
-        return add_extra_losses(outputs, self.base_model.model_hooks)  # e.g. AdaLoRA's orthogonal regulariser
+        return add_extra_losses(outputs, self._tuner.model_hooks)  # e.g. AdaLoRA's orthogonal regulariser
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
         if self._prompt_active(adapter_names):
@@ -134,12 +151,12 @@ class PeftModel(nn.Module):
                 or 1
             )
             adapter_names = [n for n in adapter_names for _ in range(beams)]
-        with self._routing(adapter_names), forward_extras(self.base_model, kwargs):
+        with self._routing(adapter_names), forward_extras(self._tuner, kwargs):
             return self.get_base_model().generate(*args, **kwargs)
 
     def _prompt_active(self, adapter_names: list[str] | None) -> bool:
         """Whether the active adapter is a prompt-learning one (and adapters are enabled)."""
-        tuner = self.base_model
+        tuner = self._tuner
         if not tuner.prompt_encoders or tuner.prompts_disabled or self.active_adapter not in tuner.prompt_encoders:
             return False
         if adapter_names is not None:
@@ -149,11 +166,11 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Context in which the model runs without any adapter (merged adapters are unmerged first)."""
-        self.base_model.disable_adapter_layers()
+        self._tuner.disable_adapter_layers()
         try:
             yield
         finally:
-            self.base_model.enable_adapter_layers()
+            self._tuner.enable_adapter_layers()
 
     # ------------------------------------------------------------------ adapters
     def add_adapter(
@@ -164,31 +181,37 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: bool = True,
     ) -> None:
         """Add a new (inactive) adapter; `set_adapter` activates it."""
+        if peft_config.is_prompt_learning != self._is_prompt_learning:  # the module layout differs (as in PEFT)
+            kind = "prompt-learning" if self._is_prompt_learning else "non-prompt-learning"
+            raise ValueError(
+                f"cannot add a {peft_config.peft_type} adapter to a PeftModel built for {kind} adapters: prompt "
+                "learning and other methods cannot be combined in one model (as in HF PEFT); build another PeftModel"
+            )
         self._add_head_modules(peft_config)
-        active = self.base_model.active_adapter
-        previous = self.base_model.autocast_adapter_dtype
-        self.base_model.autocast_adapter_dtype = autocast_adapter_dtype
+        active = self._tuner.active_adapter
+        previous = self._tuner.autocast_adapter_dtype
+        self._tuner.autocast_adapter_dtype = autocast_adapter_dtype
         try:
-            self.base_model.inject_adapter(adapter_name, peft_config, init=not low_cpu_mem_usage)
+            self._tuner.inject_adapter(adapter_name, peft_config, init=not low_cpu_mem_usage)
         finally:
-            self.base_model.autocast_adapter_dtype = previous
-        self.base_model.set_adapter(active)
+            self._tuner.autocast_adapter_dtype = previous
+        self._tuner.set_adapter(active)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate adapter(s); they become trainable unless `inference_mode` (or their config's) freezes them."""
-        self.base_model.set_adapter(adapter_name)
+        self._tuner.set_adapter(adapter_name)
         if inference_mode:
             for name in [adapter_name] if isinstance(adapter_name, str) else adapter_name:
                 self.store.set_requires_grad(name, False)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self.base_model.delete_adapter(adapter_name)
+        self._tuner.delete_adapter(adapter_name)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        self._tuner.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        self.base_model.unmerge_adapter()
+        self._tuner.unmerge_adapter()
 
     def merge_and_unload(
         self,
@@ -198,7 +221,7 @@ class PeftModel(nn.Module):
         quantized_merge: str = "requantize",
     ) -> nn.Module:
         """Merge and return the base model; `quantized_merge` ("requantize"/"dequantize") is for quantized bases."""
-        return self.base_model.merge_and_unload(
+        return self._tuner.merge_and_unload(
             progressbar=progressbar,
             safe_merge=safe_merge,
             adapter_names=adapter_names,
@@ -206,7 +229,7 @@ class PeftModel(nn.Module):
         )
 
     def unload(self) -> nn.Module:
-        return self.base_model.unload()
+        return self._tuner.unload()
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -324,7 +347,7 @@ class PeftModel(nn.Module):
         try:
             peft_model._load_state(state, adapter_name, torch_dtype)
         except BaseException:
-            peft_model.base_model.delete_adapter(adapter_name, _rollback=True)
+            peft_model._tuner.delete_adapter(adapter_name, _rollback=True)
             _restore(trainability)  # injection froze the base; a failed load must leave it as it was
             raise
         if not is_trainable:
@@ -368,7 +391,7 @@ class PeftModel(nn.Module):
             self._load_state(state, adapter_name, torch_dtype)
         except BaseException:
             if adapter_name in self.peft_config:
-                self.base_model.delete_adapter(adapter_name, _rollback=True)
+                self._tuner.delete_adapter(adapter_name, _rollback=True)
             _restore(trainability)
             raise
         if not is_trainable:

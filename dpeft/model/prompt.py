@@ -1,7 +1,8 @@
 """Virtual tokens for prompt-learning methods, written once for all of them (HF PEFT's forward paths).
 
 A prompt-learning adapter adapts no layer: its method's `PromptEncoder` (see `dpeft.methods.prompt_base`) declares
-its tensors to the store, under ``base_model.prompt_encoder.<adapter>``, and produces either embeddings, which are
+its tensors to the store, registered at ``prompt_encoder.<adapter>`` of the tuner's `prompt_root` (the `PeftModel`,
+whose ``base_model`` is then the user's model itself: HF PEFT's module paths), and produces either embeddings, which are
 prepended to the input embeddings (attention mask extended, labels padded with -100), or per-layer key/value
 prefixes, which reach the model as a transformers cache (`DynamicCache`, or `EncoderDecoderCache` for
 encoder-decoder models). Generation patches the base model's `prepare_inputs_for_generation` for the duration of
@@ -91,7 +92,8 @@ def add_prompt_adapter(tuner: nn.Module, adapter_name: str, config: PeftConfig, 
     # encoder's output; the rest keeps its init, as in PEFT); `after_allocation` (vocabulary or text init) is
     # skipped when a load follows.
     device = word_embeddings.weight.device
-    entry = tuner.store.declare(tuner, PROMPT_MODULE, adapter_name, encoder.specs, device=device, dtype=torch.float32)
+    root = tuner.prompt_root
+    entry = tuner.store.declare(root, PROMPT_MODULE, adapter_name, encoder.specs, device=device, dtype=torch.float32)
     if init:
         encoder.after_allocation(entry.params, word_embeddings)
     tuner.prompt_encoders[adapter_name] = (encoder, entry)
@@ -99,7 +101,7 @@ def add_prompt_adapter(tuner: nn.Module, adapter_name: str, config: PeftConfig, 
 
 def remove_prompt_adapter(tuner: nn.Module, adapter_name: str) -> None:
     if tuner.prompt_encoders.pop(adapter_name, None) is not None:
-        detach_holders(tuner, adapter_name)
+        detach_holders(tuner.prompt_root, adapter_name)
 
 
 def word_embeddings_of(model: nn.Module) -> nn.Module | None:
@@ -114,7 +116,8 @@ def is_prompt_model(tuner: nn.Module) -> bool:
 def get_prompt(tuner: nn.Module, adapter_name: str, batch_size: int, task_ids: torch.Tensor | None = None):
     """The prompt of `adapter_name` for a batch: embeddings (batch, tokens, dim), or a cache for key/value methods."""
     encoder, entry = tuner.prompt_encoders[adapter_name]
-    prompt = encoder.prompt(tuner.store.get(entry), batch_size, task_ids, training=tuner.training)
+    # The user's model follows `PeftModel.train()`/`eval()`; the tuner (unregistered for prompt models) may not.
+    prompt = encoder.prompt(tuner.store.get(entry), batch_size, task_ids, training=tuner.model.training)
     if encoder.produces != KV:
         return prompt
     return _cache(encoder.config, prompt, getattr(tuner.model, "dtype", None))
@@ -184,7 +187,7 @@ def prompt_forward(peft_model: nn.Module, task: str, kwargs: dict) -> Any:
         task: ``"causal"``, ``"seq2seq"``, ``"classification"`` (sequence/token classification, question
             answering) or ``"features"``.
     """
-    tuner = peft_model.base_model
+    tuner = peft_model._tuner
     name = peft_model.active_adapter
     config = tuner.peft_config[name]
     encoder = tuner.prompt_encoders[name][0]

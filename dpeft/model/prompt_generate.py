@@ -35,7 +35,7 @@ def patched_prepare(model: nn.Module, prepare: Callable[..., dict]) -> Iterator[
 
 def causal_generate(peft_model: nn.Module, args: tuple, kwargs: dict) -> Any:
     """`generate` of a decoder-only model with the active prompt adapter (`task_ids` for multitask prompts)."""
-    tuner = peft_model.base_model
+    tuner = peft_model._tuner
     name = peft_model.active_adapter
     task_ids = kwargs.pop("task_ids", None)
 
@@ -96,7 +96,7 @@ def _causal_prepare(tuner: nn.Module, name: str, inputs: dict, task_ids: torch.T
 def seq2seq_generate(peft_model: nn.Module, kwargs: dict) -> Any:
     """`generate` of an encoder-decoder model: prompt embeddings go in front of the encoder's input embeddings;
     key/value prefixes are the decoder's cache at the first step."""
-    tuner = peft_model.base_model
+    tuner = peft_model._tuner
     name = peft_model.active_adapter
     config = tuner.peft_config[name]
     if "input_ids" not in kwargs:

@@ -11,6 +11,7 @@ from torch import nn
 from dpeft.model.layer import AdaptedLayer
 from dpeft.model.model_hooks import loaded_state, saved_state
 from dpeft.model.prompt import prompt_saved_state, prompt_state_to_store
+from dpeft.model.tuner import tuner_of
 from dpeft.store import PEFT_PREFIX, SHARED_PREFIX
 from dpeft.store.fsdp_view import full_value
 
@@ -19,10 +20,7 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
 def _tuner(model: nn.Module):
-    base = getattr(model, "base_model", model)
-    if not hasattr(base, "store"):
-        raise TypeError(f"{type(model).__name__} has no dpeft adapters; build it with get_peft_model first")
-    return base
+    return tuner_of(model)
 
 
 def _bias_keys(tuner, adapter_name: str) -> dict[str, nn.Parameter]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from torch import nn
 
 from dpeft.config import PeftConfig
 from dpeft.model.layer import AdaptedLayer
 from dpeft.model.modules_to_save import ModulesToSaveWrapper
+from dpeft.store.holders import walk_modules
 
 ALL_LINEAR = "all-linear"
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -122,25 +124,59 @@ def _layer_index_ok(config: PeftConfig, key: str) -> bool:
     return index == layers if isinstance(layers, int) else index in layers
 
 
-def _name_matches(spec: list[str] | str, key: str) -> bool:
+def _name_matcher(spec: list[str] | str) -> Callable[[str], bool]:
+    """PEFT's name rule, prepared once: a string is a regex the whole name must match; a list matches a name equal
+    to an entry or ending in ``.<entry>`` (looked up per dot-suffix of the name instead of per entry)."""
     if isinstance(spec, str):
-        return re.fullmatch(spec, key) is not None
-    return key in spec or any(key.endswith(f".{t}") for t in spec)
+        return re.compile(spec).fullmatch
+    names = set(spec)
+
+    def matches(key: str) -> bool:
+        if key in names:
+            return True
+        dot = key.find(".")
+        while dot != -1:
+            if key[dot + 1 :] in names:
+                return True
+            dot = key.find(".", dot + 1)
+        return False
+
+    return matches
 
 
-def is_excluded(config: PeftConfig, key: str) -> bool:
+def target_matcher(config: PeftConfig) -> Callable[[str], bool]:
+    """`is_target` for one config with its patterns compiled once (injection asks it about every module name)."""
+    targets = getattr(config, "target_modules", None)
+    if targets is None:
+        return lambda key: False
     exclude = getattr(config, "exclude_modules", None)
-    if exclude and _name_matches(exclude, key):
-        return True
-    to_save = getattr(config, "modules_to_save", None) or []
-    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", key) for m in to_save)
+    excluded = _name_matcher(exclude) if exclude else None
+    to_save = [
+        re.compile(rf"(^|.*\.){re.escape(m)}($|\..*)").match for m in getattr(config, "modules_to_save", None) or []
+    ]
+    targeted = _name_matcher(targets)
+    by_layer = not isinstance(targets, str) and getattr(config, "layers_to_transform", None) not in (None, [])
+
+    def matches(key: str) -> bool:
+        if (excluded is not None and excluded(key)) or any(m(key) for m in to_save) or not targeted(key):
+            return False
+        return not by_layer or _layer_index_ok(config, key)
+
+    return matches
 
 
 def is_target(config: PeftConfig, key: str) -> bool:
     """Whether the module named `key` is targeted by `config` (HF PEFT's matching rules)."""
-    targets = getattr(config, "target_modules", None)
-    if targets is None or is_excluded(config, key):
-        return False
-    if not _name_matches(targets, key):
-        return False
-    return isinstance(targets, str) or _layer_index_ok(config, key)
+    return target_matcher(config)(key)
+
+
+def find_targets(model: nn.Module, config: PeftConfig) -> list[tuple[str, nn.Module, nn.Module]]:
+    """(name, module, parent) of every module of `model` that `config` targets, in `named_modules` order, in one
+    walk. Wrappers (adapted layers, modules to save) are candidates themselves; nothing inside one ever is."""
+    matches = target_matcher(config)
+    found, by_name = [], {}
+    for name, module in walk_modules(model, stop=(AdaptedLayer, ModulesToSaveWrapper)):
+        by_name[name] = module
+        if name and matches(name):
+            found.append((name, module, by_name[name.rpartition(".")[0]]))
+    return found

@@ -21,10 +21,11 @@ from dpeft.model.layer import AdaptedLayer, ForwardContext, check_mergeable
 from dpeft.model.model_hooks import add_extra_losses, check_new_adapter, exported, make_hooks
 from dpeft.model.modules_to_save import ModulesToSaveWrapper
 from dpeft.model.prompt import add_prompt_adapter, check_combination, is_prompt_model, remove_prompt_adapter
-from dpeft.model.targets import is_target, resolve_target_modules
+from dpeft.model.targets import find_targets, resolve_target_modules
 from dpeft.quant import get_handler, is_bnb_layer, quantized_handler, supported_layer_types
 from dpeft.quant.merge import base_quantization, check_quantized_merge, dequantize_model, record_quantized_merge
 from dpeft.store import AdapterStore, Entry, detach_holders
+from dpeft.store.holders import walk_modules, walk_parameters
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -46,6 +47,8 @@ class AdapterModel(nn.Module):
         peft_config: adapter name -> config of the first adapter.
         adapter_name: Name of that adapter.
         init: Initialise the new tensors (False when a checkpoint load fills all of them next).
+        prompt_root: The module prompt-learning encoders hang under (``prompt_encoder.<adapter>``): the `PeftModel`,
+            which keeps them at the top as HF PEFT does; default this module.
     """
 
     def __init__(
@@ -56,9 +59,12 @@ class AdapterModel(nn.Module):
         *,
         autocast_adapter_dtype: bool = True,
         init: bool = True,
+        prompt_root: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        # Not registered as a submodule: the root holds this tuner (unregistered) in turn.
+        object.__setattr__(self, "prompt_root", self if prompt_root is None else prompt_root)
         self.peft_config: dict[str, PeftConfig] = {}
         self.store = AdapterStore()
         self.model_hooks: dict[str, ModelHooks] = {}  # adapter -> its method's model-level hooks, where it has them
@@ -90,12 +96,12 @@ class AdapterModel(nn.Module):
 
     # ------------------------------------------------------------------ iteration
     def adapted_layers(self) -> Iterator[tuple[str, AdaptedLayer]]:
-        for name, module in self.model.named_modules():
+        for name, module in walk_modules(self.model):  # `named_modules` without the store's holders
             if isinstance(module, AdaptedLayer):
                 yield name, module
 
     def _wrappers(self) -> Iterator[tuple[str, nn.Module]]:
-        for name, module in self.model.named_modules():
+        for name, module in walk_modules(self.model):
             if isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
                 yield name, module
 
@@ -130,32 +136,32 @@ class AdapterModel(nn.Module):
             self._mark_trainable(adapter_name, config)
             return
         matched, unsupported = 0, []
-        targets = [(n, m) for n, m in self.model.named_modules() if n and is_target(config, n)]
-        shared = self._declare_shared(adapter_name, config, method, targets, init)
-        for name, module in targets:
-            if isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
-                layer = module
-                if isinstance(module, ModulesToSaveWrapper):
-                    unsupported.append(f"{name} (in modules_to_save)")
-                    continue
-            elif _inside_wrapper(self.model, name):
+        # One walk finds the targets with their parents; nothing inside a wrapper is ever a target.
+        targets = find_targets(self.model, config)
+        handlers = {
+            name: module.handler if isinstance(module, AdaptedLayer) else get_handler(module)
+            for name, module, _ in targets
+            if not isinstance(module, ModulesToSaveWrapper)
+        }
+        shared = self._declare_shared(adapter_name, config, method, handlers, init)
+        for name, module, parent in targets:
+            if isinstance(module, ModulesToSaveWrapper):
+                unsupported.append(f"{name} (in modules_to_save)")
                 continue
-            else:
-                handler = get_handler(module)
-                if handler is None:
-                    unsupported.append(f"{name} ({type(module).__name__})")
-                    continue
-                layer = AdaptedLayer(module, handler, self.store, self.ctx)
-            method_layer = method.build_layer(layer.handler, config, name)
+            handler = handlers[name]
+            if handler is None:
+                unsupported.append(f"{name} ({type(module).__name__})")
+                continue
+            layer = module if isinstance(module, AdaptedLayer) else AdaptedLayer(module, handler, self.store, self.ctx)
+            method_layer = method.build_layer(handler, config, name)
             if method_layer is None:
                 unsupported.append(f"{name} ({type(layer.base_layer).__name__})")
                 continue
-            if layer.handler.kind == "linear" and hasattr(config, "fan_in_fan_out"):
+            if handler.kind == "linear" and hasattr(config, "fan_in_fan_out"):
                 # The layer decides its weight layout; the saved config records it as PEFT's does.
-                config.fan_in_fan_out = layer.handler.fan_in_fan_out
+                config.fan_in_fan_out = handler.fan_in_fan_out
             if layer is not module:
-                parent, child = _parent(self.model, name)
-                setattr(parent, child, layer)
+                setattr(parent, name.rpartition(".")[2], layer)
             dtype = _adapter_dtype(layer.handler.dtype, self.autocast_adapter_dtype)
             entry = self.store.declare(
                 layer, name, adapter_name, method_layer.specs, device=layer.handler.device, dtype=dtype, init=init
@@ -180,19 +186,13 @@ class AdapterModel(nn.Module):
         self._add_modules_to_save(adapter_name, config)
         self._mark_trainable(adapter_name, config)
 
-    def _declare_shared(self, adapter_name: str, config: PeftConfig, method, targets, init: bool) -> Entry | None:
+    def _declare_shared(self, adapter_name: str, config: PeftConfig, method, handlers, init: bool) -> Entry | None:
         """Declare the method's model-level tensors of this adapter (registered on this module, as PEFT keeps them on
-        its tuner), sized from the handlers of all targeted layers; None for methods without shared tensors."""
+        its tuner), sized from the handlers of all targeted layers (name -> handler, None where no handler fits);
+        None for methods without shared tensors."""
         if method.shared_specs is None:
             return None
-        handlers = {}
-        for name, module in targets:
-            if isinstance(module, AdaptedLayer):
-                handlers[name] = module.handler
-            elif not isinstance(module, ModulesToSaveWrapper) and not _inside_wrapper(self.model, name):
-                handler = get_handler(module)
-                if handler is not None:
-                    handlers[name] = handler
+        handlers = {name: handler for name, handler in handlers.items() if handler is not None}
         specs = method.shared_specs(config, handlers) if handlers else []
         if not specs:
             return None
@@ -208,8 +208,8 @@ class AdapterModel(nn.Module):
             return
         found = [
             n
-            for n, m in self.model.named_modules()
-            if n and any(n == t or n.endswith(f".{t}") for t in names) and not _inside_wrapper(self.model, n)
+            for n, _ in walk_modules(self.model, stop=(AdaptedLayer, ModulesToSaveWrapper))  # none inside a wrapper
+            if n and any(n == t or n.endswith(f".{t}") for t in names)
         ]
         for name in found:
             module = self.model.get_submodule(name)
@@ -222,7 +222,7 @@ class AdapterModel(nn.Module):
             self.store.adopt(name, adapter_name, {n: (p, n) for n, p in clone.named_parameters()})
 
     def _mark_trainable(self, adapter_name: str, config: PeftConfig) -> None:
-        for param in self.model.parameters():
+        for param in walk_parameters(self.model):
             param.requires_grad_(False)
         for name in self.peft_config:
             self.store.set_requires_grad(
@@ -337,8 +337,8 @@ class AdapterModel(nn.Module):
                 setattr(parent, child, module.modules_to_save[active] if active else module.original_module)
         for name in list(self.peft_config):
             self.store.remove(name)
+            remove_prompt_adapter(self, name)
             detach_holders(self, name)
-        self.prompt_encoders.clear()
         self.peft_config.clear()
         self.model_hooks.clear()
         if dequantize:
@@ -368,6 +368,21 @@ class AdapterModel(nn.Module):
         return self._unload(False, False, False, None)
 
 
+def tuner_of(model: nn.Module) -> AdapterModel:
+    """The `AdapterModel` behind `model`: a `PeftModel`'s (registered as ``base_model``, or held unregistered for
+    prompt learning, where ``base_model`` is the user's model as in HF PEFT), or `model` itself.
+
+    Raises:
+        TypeError: if `model` carries no dpeft adapters.
+    """
+    tuner = model if isinstance(model, AdapterModel) else getattr(model, "_tuner", None)
+    if tuner is None:
+        tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, AdapterModel):
+        raise TypeError(f"{type(model).__name__} has no dpeft adapters; build it with dpeft.get_peft_model first")
+    return tuner
+
+
 def _replace_base_layer(layer: AdaptedLayer, base_layer: nn.Module) -> None:
     """Put another base layer under `layer`, with its handler given to the layer and its method layers."""
     handler = get_handler(base_layer)
@@ -382,13 +397,3 @@ def _refuse_prompt_merge(tuner: AdapterModel) -> None:
             "prompt-learning adapters (virtual tokens) cannot be merged into the base weights; keep the PeftModel "
             "for inference, or use unload() to get the base model back without them"
         )
-
-
-def _inside_wrapper(model: nn.Module, name: str) -> bool:
-    """True for modules inside a wrapper (a base layer or a saved copy), which must never be wrapped again."""
-    module = model
-    for part in name.split(".")[:-1]:  # one walk down the path (not a lookup from the root per ancestor)
-        module = module.get_submodule(part)
-        if isinstance(module, (AdaptedLayer, ModulesToSaveWrapper)):
-            return True
-    return False

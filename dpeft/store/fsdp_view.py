@@ -29,47 +29,90 @@ def locate_parameters(root: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]
     return found
 
 
+def plan_ownership(
+    entries: list, before: dict[int, list[tuple[nn.Module, str]]], blocks: list[nn.Module]
+) -> tuple[set[nn.Parameter], list[nn.Parameter]]:
+    """Which FSDP2 group owns each adapter tensor, decided before anything is wrapped.
+
+    A tensor registered in one block belongs to that block's group. A tensor registered in several blocks (a
+    model-level tensor shared by every layer: VeRA's projections, VB-LoRA's vector bank, RandLoRA's bases) belongs
+    to the root group, as FSDP2 wants for parameters shared across groups: the blocks ignore it, and the root
+    gathers it once per forward and reduce-scatters its gradient summed over every layer that read it. A frozen
+    tensor registered nowhere (ShiRA's indices) stays a plain tensor, the same on every rank.
+
+    Args:
+        entries: The store's entries.
+        before: `locate_parameters` of the module to wrap (the root).
+        blocks: The modules that get a `fully_shard` group of their own.
+
+    Returns:
+        (the tensors the blocks must ignore, the frozen unregistered tensors to copy from rank 0).
+
+    Raises:
+        ValueError: for a trainable tensor registered nowhere under the root, or one shared by several blocks but
+            registered nowhere outside them (no FSDP2 group could own it).
+    """
+    block_of = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    root_owned, unregistered = set(), []
+    for entry in entries:
+        for name, param in entry.params.items():
+            places = before.get(id(param), [])
+            owners = {block_of.get(id(module), -1) for module, _ in places}
+            if not places and not param.requires_grad:
+                unregistered.append(param)
+            elif not places:
+                raise ValueError(
+                    f"adapter tensor {entry.peft_key(name)} is trainable but registered nowhere under the module "
+                    "given to apply_fsdp, so FSDP2 could not average its gradients; pass the PeftModel itself "
+                    "(not its base_model)"
+                )
+            elif len(owners) > 1 and -1 not in owners:
+                raise ValueError(
+                    f"adapter tensor {entry.peft_key(name)} is shared by transformer blocks {sorted(owners)} but "
+                    "registered nowhere outside them, so no FSDP2 group can own it; use the 'sharded' store backend"
+                )
+            elif len(owners) > 1:
+                root_owned.add(param)
+    return root_owned, unregistered
+
+
 class FsdpView:
     """Where the tensors of a store's entries live once FSDP2 has wrapped the model.
 
     Args:
-        slots: id(entry) -> [(tensor name, module, attribute)]: where each tensor is registered.
+        slots: id(entry) -> [(tensor name, module, attribute)]: where each tensor is registered (module None: a
+            frozen tensor registered nowhere, which the entry itself holds, replicated).
         localize: Turns the wrapped model back into plain modules with full parameters (a collective); set by
             `dpeft.dist.fsdp.apply_fsdp`, which knows how it wrapped the model.
     """
 
-    def __init__(self, slots: dict[int, list[tuple[str, nn.Module, str]]], localize: Callable[[], None]) -> None:
+    def __init__(
+        self, slots: dict[int, list[tuple[str, nn.Module | None, str]]], localize: Callable[[], None]
+    ) -> None:
         self.slots = slots
         self.localize = localize
 
     @classmethod
     def after_wrap(cls, entries: list, before: dict[int, list[tuple[nn.Module, str]]], localize: Callable[[], None]):
-        """Point `entries` at the parameters FSDP2 registered where their old ones were (found in `before`).
-
-        Raises:
-            ValueError: for a tensor registered at several places (a shared tensor), which FSDP2 would shard
-                once under one module while the others keep reading the old one.
-        """
-        slots: dict[int, list[tuple[str, nn.Module, str]]] = {}
+        """Point `entries` at the parameters FSDP2 registered where their old ones were (found in `before`; see
+        `plan_ownership` for the tensors registered at several places or nowhere)."""
+        slots: dict[int, list[tuple[str, nn.Module | None, str]]] = {}
         for entry in entries:
             mine = slots[id(entry)] = []
             for name, param in entry.params.items():
-                places = before.get(id(param), [])
-                if len(places) != 1:
-                    where = "nowhere in the wrapped model" if not places else f"at {len(places)} places"
-                    raise ValueError(
-                        f"adapter tensor {entry.peft_key(name)} is registered {where}; the fsdp2 backend shards "
-                        "tensors owned by one module only. Use the 'sharded' store backend for this adapter."
-                    )
-                module, leaf = places[0]
+                places = before.get(id(param), [(None, name)])
+                module, leaf = places[0]  # FSDP2 registers a shared parameter at every place it had
                 mine.append((name, module, leaf))
         for entry in entries:
             for name, module, leaf in slots[id(entry)]:
-                entry.params[name] = module._parameters[leaf]
+                if module is not None:
+                    entry.params[name] = module._parameters[leaf]
         return cls(slots, localize)
 
     def get(self, entry) -> dict[str, torch.Tensor]:
-        """The tensors registered for `entry` now: unsharded inside a wrapped forward, shards outside."""
+        """The full tensors of `entry`: the unsharded ones FSDP2 registered inside a wrapped forward; outside one
+        (a model-level loss term such as AdaLoRA's regulariser, or a read after the forward) the shards all-gathered
+        differentiably, a collective that every rank runs as it runs the same forward."""
         try:
             slots = self.slots[id(entry)]
         except KeyError:
@@ -77,13 +120,18 @@ class FsdpView:
                 f"adapter {entry.adapter!r} on {entry.module_name} was added after apply_fsdp, so FSDP2 does not "
                 "manage its tensors; add every adapter before wrapping the model with apply_fsdp"
             ) from None
-        return {name: module._parameters[leaf] for name, module, leaf in slots}
+        out = {}
+        for name, module, leaf in slots:
+            tensor = entry.params[name] if module is None else module._parameters[leaf]
+            out[name] = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        return out
 
     def repoint(self, entries: list) -> None:
         """After `localize`: the entries' params are the plain parameters now registered."""
         for entry in entries:
             for name, module, leaf in self.slots.get(id(entry), []):
-                entry.params[name] = module._parameters[leaf]
+                if module is not None:
+                    entry.params[name] = module._parameters[leaf]
 
     def forget(self, entry) -> None:
         self.slots.pop(id(entry), None)

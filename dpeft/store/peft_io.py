@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from dpeft.store.safetensors_io import publish_atomically, save_safetensors
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"
@@ -18,17 +20,22 @@ def save_adapter_weights(
     os.makedirs(directory, exist_ok=True)
     name = SAFETENSORS_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
     path = os.path.join(directory, name)
-    tmp = path + ".tmp"
-    # safetensors refuses tensors that share memory or are non-contiguous views; PEFT clones the same way.
+    if safe_serialization:
+        # Straight from each tensor's memory; views and shared storage are fine (each is written as its own bytes).
+        save_safetensors(state_dict, path, metadata={"format": "pt"})
+        return path
+    # torch.save would store a view's whole storage: dense copies keep the file to the adapter's own size.
     tensors = {
-        k: v if v.is_contiguous() and v.storage_offset() == 0 else v.contiguous().clone()
+        k: v if v.is_contiguous() and v.storage_offset() == 0 and v.untyped_storage().nbytes() == v.nbytes else
+        v.contiguous().clone()
         for k, v in state_dict.items()
     }
-    if safe_serialization:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    else:
-        torch.save(tensors, tmp)
-    os.replace(tmp, path)
+
+    def write(fd: int) -> None:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            torch.save(tensors, f)
+
+    publish_atomically(path, write)
     return path
 
 

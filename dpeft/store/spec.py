@@ -33,6 +33,9 @@ class ParamSpec:
         attach: False for a saved tensor PEFT keeps outside the module tree (SHiRA's indices live in a plain dict):
             the store holds, saves, loads and shards it, but registers it under no module, so module paths and the
             model's `state_dict` keys stay PEFT's.
+        project: Maps the stored value to the value every read sees, which is also written back (as PEFT's layers
+            rewrite a parameter in place inside forward, e.g. constrained OFT); gradients pass through it unchanged
+            (see `dpeft.store.projection`). Supported by the local and sharded backends.
     """
 
     name: str
@@ -46,6 +49,7 @@ class ParamSpec:
     persistent: bool = True
     layer_copies: bool = False
     attach: bool = True
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         assert ADAPTER in self.path, f"ParamSpec {self.name}: path {self.path} must contain ADAPTER"

@@ -13,16 +13,15 @@ import torch
 from torch import nn
 
 from dpeft.store.fsdp_view import full_value, load_full_into
+from dpeft.store.holders import attach as _attach
+from dpeft.store.holders import detach_holders  # noqa: F401  (re-exported)
 from dpeft.store.integrity import verify_full_state
+from dpeft.store.projection import project_reads
 from dpeft.store.spec import ParamSpec
 
 PEFT_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
 """Saved-key prefix of model-level (shared) tensors: PEFT keeps them on the tuner, e.g. ``base_model.vera_A``."""
-
-
-class _Holder(nn.ModuleDict):
-    """Container module that gives adapter parameters PEFT's module paths (``lora_A.default.weight``)."""
 
 
 @dataclass
@@ -44,6 +43,8 @@ class Entry:
     link: Entry | None = field(default=None, repr=False)
     #: Further modules the tensors are registered under (layers that see a shared entry, as PEFT registers them).
     aliases: list[nn.Module] = field(default_factory=list, repr=False)
+    #: Whether a spec of this entry has a `ParamSpec.project` (checked on every read, so kept as a flag).
+    projected: bool = False
 
     def peft_key(self, name: str) -> str:
         if self.shared:
@@ -141,6 +142,7 @@ class AdapterStore:
         return entry
 
     def _add(self, entry: Entry) -> None:
+        entry.projected = any(spec.project is not None for spec in entry.specs.values())
         keys = self._by_key.setdefault(entry.adapter, {})
         for name, spec in entry.specs.items():
             if not spec.persistent:
@@ -171,6 +173,8 @@ class AdapterStore:
             own = self._sharded.get(entry)
         else:  # under fsdp2: the tensors FSDP2 registered now (unsharded inside a wrapped module's forward)
             own = entry.params if self._fsdp is None else self._fsdp.get(entry)
+        if entry.projected:
+            own = project_reads(self, entry, own)
         return own if entry.link is None else {**own, **self.get(entry.link)}
 
     def gather(self, entry: Entry, name: str, local: torch.Tensor | None = None) -> torch.Tensor:
@@ -412,40 +416,6 @@ def _preview(keys: list[str], n: int = 5) -> str:
     return ", ".join(keys[:n]) + more
 
 
-def _attach(owner: nn.Module, path: tuple[str, ...], param: nn.Parameter) -> None:
-    module = owner
-    for part in path[:-1]:
-        child = module._modules.get(part)
-        if child is None:
-            child = _new_holder()
-            if isinstance(module, _Holder):  # holds only holders and parameters: no attribute to collide with
-                assert part not in module._parameters, f"{part} is both a parameter and a holder"
-                module._modules[part] = child
-            else:
-                module.add_module(part, child)
-        module = child
-    if isinstance(module, _Holder):
-        assert path[-1] not in module._modules, f"{path[-1]} is both a holder and a parameter"
-        module._parameters[path[-1]] = param
-    else:
-        module.register_parameter(path[-1], param)
-
-
-def _new_holder() -> _Holder:
-    """An empty holder, made without `nn.Module.__init__` and its per-attribute checks.
-
-    Loading an adapter makes four holders per adapted layer, and building them the normal way was a fifth of the
-    load time; a bare instance with fresh copies of an empty prototype's containers is the same module.
-    """
-    holder = _Holder.__new__(_Holder)
-    holder.__dict__.update({k: type(v)() if isinstance(v, (dict, set)) else v for k, v in _HOLDER_STATE.items()})
-    return holder
-
-
-_HOLDER_STATE = dict(_Holder().__dict__)
-assert not any(v for v in _HOLDER_STATE.values() if isinstance(v, (dict, set))), "a new module has empty containers"
-
-
 def _reattach(entry: Entry, name: str, param: nn.Parameter) -> None:
     """Register `param` (a shard) where `entry`'s tensor `name` was registered (and where it is aliased)."""
     if not entry.specs[name].attach:
@@ -453,16 +423,3 @@ def _reattach(entry: Entry, name: str, param: nn.Parameter) -> None:
     path = entry.specs[name].module_path(entry.adapter)
     for owner in [entry.owner, *entry.aliases]:
         _attach(owner, path, param)
-
-
-def detach_holders(owner: nn.Module, adapter: str) -> None:
-    """Remove `adapter`'s tensors from the holder modules under `owner` (and holders left empty)."""
-    for name, child in list(owner._modules.items()):
-        if isinstance(child, _Holder):
-            child._modules.pop(adapter, None)
-            child._parameters.pop(adapter, None)
-            for sub in child._modules.values():
-                if isinstance(sub, _Holder):
-                    detach_holders(sub, adapter)
-            if not child._modules and not child._parameters:
-                del owner._modules[name]

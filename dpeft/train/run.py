@@ -20,6 +20,8 @@ from tqdm.auto import tqdm
 
 from dpeft.config.run_config import RunConfig, load_run_config
 from dpeft.dist import DistInfo, all_reduce_mean, barrier, init_distributed
+from dpeft.model.model_hooks import after_optimizer_step, extra_loss
+from dpeft.model.tuner import tuner_of
 from dpeft.train.data import GlobalOrder, collate, load_splits
 from dpeft.train.loop import build_optimizer, clip_grad_norm, evaluate, loss_sum, lr_at, target_count
 from dpeft.train.models import build_model
@@ -31,7 +33,8 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class RunResult:
-    """What a run did; `losses[i]` is the global-batch mean loss of step `first_step + i`."""
+    """What a run did; `losses[i]` is the global-batch mean loss of step `first_step + i` (plus the adapter
+    method's extra loss term where it has one, e.g. AdaLoRA's orthogonal regulariser, as in PEFT's ``outputs.loss``)."""
 
     losses: list[float]
     first_step: int
@@ -108,6 +111,7 @@ class _Trainer:
         self.splits = load_splits(cfg.data, cfg.model.task, self.tokenizer, cfg.train.seed)
         self.model = build_peft_model(model.to(info.device), cfg, self.backend, info)
         self.params = self.model.store.optimizer_parameters()
+        self.hooks = tuner_of(self.model).model_hooks  # methods' model-level training steps (see setup.py)
         self.optimizer = build_optimizer(self.params, cfg.optim)
         self.engine = None  # the DeepSpeed engine under the deepspeed backend: backward and step go through it
         if self.backend == "deepspeed" and self.world > 1:
@@ -182,12 +186,18 @@ class _Trainer:
         if self.engine is not None:
             return self._engine_step(step)
         parts, count, units = self._micro_batches()
-        local = torch.zeros((), dtype=torch.float64)
+        local, extra_total = torch.zeros((), dtype=torch.float64), 0.0
         for part in parts:
             with self.autocast():
                 logits = self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
             terms = loss_sum(logits, part["labels"], self.cfg.model.task)
-            (terms * (self.world * self.scaler.scale / count)).backward()
+            loss = terms * (self.world / count)
+            # A method's extra loss (AdaLoRA's regulariser), the same on every rank: once per step in the average.
+            extra = extra_loss(self.hooks)
+            if extra is not None:
+                loss = loss + extra / len(parts)
+                extra_total += float(extra.detach()) / len(parts)
+            (loss * self.scaler.scale).backward()
             local += terms.detach().double().cpu()
         if self.backend == "local" and self.world > 1:
             from dpeft.dist import all_reduce_grads
@@ -200,9 +210,10 @@ class _Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr_at(step, self.cfg.train.steps, self.cfg.optim)
             self.optimizer.step()
+            after_optimizer_step(self.hooks, step)  # e.g. AdaLoRA's update_and_allocate: it reads the gradients
         self.optimizer.zero_grad(set_to_none=True)
         loss = float(local) / count
-        return (all_reduce_mean(loss) * self.world if self.world > 1 else loss), units
+        return (all_reduce_mean(loss) * self.world if self.world > 1 else loss) + extra_total, units
 
     def _engine_step(self, step: int) -> tuple[float, int]:
         """`step` under DeepSpeed: the engine averages gradients, clips and steps at the last micro-batch."""

@@ -54,29 +54,59 @@ def build_peft_model(model: nn.Module, cfg: RunConfig, backend: str, info: DistI
     """Wrap `model` with the configured adapter (seeded: identical on every rank) and shard it when asked."""
     from dpeft.api import get_peft_model
     from dpeft.config import get_peft_config
+    from dpeft.model.tuner import tuner_of
 
     if cfg.train.global_batch_size % (info.world_size * cfg.train.grad_accum_steps):
         raise ValueError(
             f"train.global_batch_size={cfg.train.global_batch_size} must be a multiple of world size "
             f"({info.world_size}) x train.grad_accum_steps ({cfg.train.grad_accum_steps})"
         )
-    peft = dict(cfg.peft)
+    peft = _with_run_defaults(dict(cfg.peft), cfg.train.steps)
     peft.setdefault("task_type", _TASK_TYPES[cfg.model.task])
     torch.manual_seed(cfg.train.seed)
     peft_model = get_peft_model(model, get_peft_config(peft))
-    hooks = [h for h in peft_model.base_model.model_hooks.values() if h.adds_training_steps]
-    if hooks:  # model-level steps (an extra loss, a per-step update) this loop does not run: refuse, never ignore
-        exports = sorted({name for h in hooks for name in h.exports})
-        raise ValueError(
-            f"peft_type {peft_model.peft_config['default'].peft_type!r} adds model-level training steps (extra loss "
-            f"terms, per-step {exports}) that dpeft.train.run does not run; train it in your own loop "
-            "(see docs/adding_a_method.md, 'Model-level hooks')"
-        )
+    _check_model_hooks(peft_model, backend, info)
     if backend == "sharded" and info.world_size > 1:
         peft_model.store.shard(info.group)
     if backend == "fsdp2" and info.world_size > 1:
         _wrap_fsdp(peft_model, cfg, info)
     return peft_model
+
+
+def _with_run_defaults(peft: dict, steps: int) -> dict:
+    """`peft` with the fields its method fills from the run where the config leaves them unset."""
+    from dpeft.methods import get_method
+
+    hooks_cls = get_method(peft["peft_type"]).model_hooks
+    for key, value in (hooks_cls.run_defaults(steps) if hooks_cls is not None else {}).items():
+        if peft.get(key) is None:
+            peft[key] = value
+    return peft
+
+
+def _check_model_hooks(peft_model: nn.Module, backend: str, info: DistInfo) -> None:
+    """Refuse model-level training steps (an extra loss, a per-step update) this loop cannot run, never ignore them."""
+    from dpeft.model.tuner import tuner_of
+
+    hooks = [h for h in tuner_of(peft_model).model_hooks.values() if h.adds_training_steps]
+    if not hooks:
+        return
+    peft_type = peft_model.peft_config["default"].peft_type
+    missing = sorted({name for h in hooks if not h.trains_in_loop for name in h.exports})
+    if missing:
+        raise ValueError(
+            f"peft_type {peft_type!r} adds model-level training steps (per-step {missing}) that dpeft.train.run "
+            "does not run; train it in your own loop (see docs/adding_a_method.md, 'Model-level hooks')"
+        )
+    if backend in ("fsdp2", "deepspeed") and info.world_size > 1:
+        # The hooks read gradients and write tensors through the store after the optimizer step; under DeepSpeed
+        # gradients live in ZeRO's partitions (param.grad is None) and the engine zeroes them inside its step, and
+        # under fsdp2 this path is untested: refuse rather than train differently from one process.
+        raise ValueError(
+            f"peft_type {peft_type!r} adds model-level training steps (an extra loss, per-step updates) that "
+            f"dpeft.train.run runs under the local and sharded store backends only, not {backend!r}; set "
+            "store.backend to sharded (or auto)"
+        )
 
 
 def wrap_deepspeed(peft_model: nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, info: DistInfo):

@@ -55,6 +55,30 @@ class RankAllocator:
         self.exp_avg_ipt: dict[tuple[str, str], torch.Tensor] = {}
         self.exp_avg_unc: dict[tuple[str, str], torch.Tensor] = {}
 
+    def state_tensors(self) -> dict[str, tuple[torch.nn.Parameter, torch.Tensor]]:
+        """``"<module>.<tensor>/<average>"`` -> (the store parameter, its average as this rank holds it). An average
+        not accumulated yet is given as zeros: the first update and the scores treat zeros and absence alike."""
+        out = {}
+        for entry in self.entries():
+            for name in _TENSORS:
+                param, key = entry.params[name], (entry.module_name, name)
+                for stat, table in (("exp_avg_ipt", self.exp_avg_ipt), ("exp_avg_unc", self.exp_avg_unc)):
+                    value = table.get(key)
+                    out[f"{entry.module_name}.{name}/{stat}"] = (
+                        param,
+                        torch.zeros_like(param.detach()) if value is None else value,
+                    )
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Install averages named as `state_tensors` names them (e.g. read from a checkpoint)."""
+        self.reset_ipt()
+        for entry in self.entries():
+            for name in _TENSORS:
+                key = (entry.module_name, name)
+                for stat, table in (("exp_avg_ipt", self.exp_avg_ipt), ("exp_avg_unc", self.exp_avg_unc)):
+                    table[key] = tensors[f"{entry.module_name}.{name}/{stat}"]
+
     def budget_schedule(self, step: int) -> tuple[int, bool]:
         """(budget, whether to mask at this step): warm-up, cubic decrease, final phase."""
         c = self.peft_config

@@ -16,6 +16,7 @@ class AdaLoraHooks(ModelHooks):
     """Rank allocation and regularisation of one AdaLoRA adapter (an allocator only when it trains)."""
 
     exports = ("update_and_allocate", "rankallocator", "trainable_adapter_name")
+    train_config_fields = ("rank_pattern",)
 
     def __init__(self, tuner, adapter_name: str, config: AdaLoraConfig) -> None:
         super().__init__(tuner, adapter_name, config)
@@ -29,6 +30,11 @@ class AdaLoraHooks(ModelHooks):
                 "AdaLoraModel supports only 1 trainable adapter. When using multiple adapters, set inference_mode "
                 "to True for all adapters except the one you want to train."
             )
+
+    @classmethod
+    def run_defaults(cls, steps: int) -> dict[str, int]:
+        """A run's budget schedule spans the run: ``total_step`` is the run's step count unless the config sets it."""
+        return {"total_step": steps}
 
     @property
     def serves_exports(self) -> bool:
@@ -56,6 +62,19 @@ class AdaLoraHooks(ModelHooks):
             allocator.reset_ipt()
         elif config.rank_pattern:
             allocator.mask_using_rank_pattern(config.rank_pattern)
+
+    def after_optimizer_step(self, global_step: int) -> None:
+        """`update_and_allocate` at PEFT's documented point (after ``optimizer.step()``, before ``zero_grad()``)."""
+        if self.rankallocator is not None:
+            self.update_and_allocate(global_step)
+
+    def train_state(self) -> dict[str, tuple[torch.nn.Parameter, torch.Tensor]]:
+        """The allocator's importance and uncertainty averages (none for an adapter in inference mode)."""
+        return {} if self.rankallocator is None else self.rankallocator.state_tensors()
+
+    def load_train_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.rankallocator is not None:
+            self.rankallocator.load_state_tensors(tensors)
 
     def extra_loss(self) -> torch.Tensor | None:
         """``orth_reg_weight`` times the mean of ||A A^T - I||_F and ||B^T B - I||_F over the adapter's layers."""

@@ -25,6 +25,9 @@ from dpeft.store import ADAPTER, ParamSpec
 class BOFTLayer(WeightFormLayer):
     """One BOFT adapter on one base layer."""
 
+    # Several active adapters multiply, as in PEFT: the weight merged with each in the active order.
+    composes_through_weight = True
+
     def __init__(self, handler: BaseHandler, config: BOFTConfig, module_name: str) -> None:
         super().__init__(handler, config, module_name)
         self.kind = handler.kind

@@ -37,6 +37,9 @@ def _paired_kaiming(t: torch.Tensor) -> None:
 class HRALayer(WeightFormLayer):
     """One HRA adapter on one base layer."""
 
+    # Several active adapters multiply, as in PEFT: the weight merged with each in the active order.
+    composes_through_weight = True
+
     def __init__(self, handler: BaseHandler, config: HRAConfig, module_name: str) -> None:
         super().__init__(handler, config, module_name)
         self.kind = handler.kind

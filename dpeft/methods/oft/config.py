@@ -34,8 +34,12 @@ class OFTConfig(TargetConfigMixin, PeftConfig):
     layers_to_transform: list[int] | int | None = field(default=None, metadata={"help": "Layer indices to adapt."})
     layers_pattern: list[str] | str | None = field(default=None, metadata={"help": "Name of the layer list."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Modules trained and saved in full."})
-    coft: bool = field(default=False, metadata={"help": "Constrained OFT (not implemented in dpeft: refused)."})
-    eps: float = field(default=6e-5, metadata={"help": "COFT's rotation freedom (only used with coft)."})
+    coft: bool = field(
+        default=False, metadata={"help": "Constrained OFT: keep each rotation block within eps of the identity."}
+    )
+    eps: float = field(
+        default=6e-5, metadata={"help": "COFT's rotation freedom: each skew block's norm is kept <= eps / sqrt(rows)."}
+    )
     block_share: bool = field(default=False, metadata={"help": "One rotation block shared by all blocks."})
     use_cayley_neumann: bool = field(
         default=True, metadata={"help": "Truncated Neumann series instead of the exact Cayley transform."}
@@ -58,11 +62,8 @@ class OFTConfig(TargetConfigMixin, PeftConfig):
                 f"set exactly one of r ({self.r}) and oft_block_size ({self.oft_block_size}) to a non-zero value "
                 "(the other is derived, since r * oft_block_size equals the layer dimension)"
             )
-        if self.coft:
-            raise ValueError(
-                "coft=True (constrained OFT) is not implemented in dpeft: it rewrites the adapter tensor inside "
-                "forward, which a sharded store cannot do; use coft=False"
-            )
+        if self.coft and self.eps < 0:
+            raise ValueError(f"eps is the radius COFT keeps rotations within, so it must be >= 0; got {self.eps}")
         if self.init_weights not in (True, False):
             raise ValueError(f"init_weights must be True or False, got {self.init_weights!r}")
         if self.module_dropout:

@@ -15,12 +15,13 @@ dpeft computes the convolution with W R^T (equal to PEFT's merged model, and to 
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
 from torch import nn
 
 from dpeft.methods.oft.config import OFTConfig
-from dpeft.methods.oft.rotation import cayley, rotate_columns, rotate_last, skew_from_upper
+from dpeft.methods.oft.rotation import cayley, project_near_identity, rotate_columns, rotate_last, skew_from_upper
 from dpeft.methods.oft.weight_form import WeightFormLayer
 from dpeft.quant import BaseHandler
 from dpeft.store import ADAPTER, ParamSpec
@@ -91,9 +92,10 @@ class OFTLayer(WeightFormLayer):
 
         rows = 1 if config.block_share else self.r
         holder = "oft_embedding_R" if self.kind == "embedding" else "oft_R"
-        self.specs = [
-            ParamSpec("oft_R", (rows, self.block_size * (self.block_size - 1) // 2), (holder, ADAPTER, "weight"), init)
-        ]
+        # COFT: PEFT projects the stored tensor in place before every use (forward and merge); the store does it.
+        project = partial(project_near_identity, eps=config.eps) if config.coft else None
+        shape = (rows, self.block_size * (self.block_size - 1) // 2)
+        self.specs = [ParamSpec("oft_R", shape, (holder, ADAPTER, "weight"), init, project=project)]
 
     def rotation(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         """The (r, b, b) rotation blocks, or (1, b, b) with `block_share`."""

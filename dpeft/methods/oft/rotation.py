@@ -15,6 +15,17 @@ def skew_from_upper(vec: torch.Tensor, block: int) -> torch.Tensor:
     return upper - upper.transpose(-2, -1)
 
 
+def project_near_identity(vec: torch.Tensor, eps: float) -> torch.Tensor:
+    """Constrained OFT (COFT): each row's skew-symmetric block S scaled into the Frobenius ball of radius
+    eps / sqrt(rows) (R = Cayley(S) stays that close to the identity); rows already inside are kept as they are.
+
+    ||S||_F = sqrt(2) ||row|| since S holds each entry of the row twice (once negated).
+    """
+    radius = eps / vec.shape[0] ** 0.5
+    norm = vec.norm(dim=1, keepdim=True) * 2**0.5
+    return torch.where(norm <= radius, vec, vec * (radius / norm))
+
+
 def cayley(skew: torch.Tensor, neumann: bool, terms: int) -> torch.Tensor:
     """Orthogonal (n, b, b) matrices from skew-symmetric ones.
 

@@ -30,10 +30,27 @@ class WeightFormLayer(MethodLayer):
     ) -> torch.Tensor:
         """result + (the base layer's map of x with merged(W) - W, no bias)."""
         weight = self.handler.weight().to(self.adapter_dtype(p))
-        delta = self.merged(weight, p, training) - weight
+        return self._base_map(x, result, self.merged(weight, p, training) - weight)
+
+    def _base_map(self, x: torch.Tensor, result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """result + the base layer's linear map / convolution of x with the weight `delta` (no bias)."""
         if self.handler.kind == "linear":
             return result + F.linear(x, delta)
         return result + self.handler.layer._conv_forward(x, delta, None)
+
+    def chained_forward(
+        self,
+        x: torch.Tensor,
+        result: torch.Tensor,
+        chain: list[tuple[MethodLayer, dict[str, torch.Tensor]]],
+        training: bool,
+    ) -> torch.Tensor:
+        """result + (the base map of x with W_n - W), W_n the weight merged with each adapter of `chain` in turn."""
+        weight = self.handler.weight().to(self.adapter_dtype(chain[0][1]))
+        merged = weight
+        for method, p in chain:
+            merged = method.merged(merged, p, training)
+        return self._base_map(x, result, merged - weight)
 
     def conv_fused(self, x: torch.Tensor, p: dict[str, torch.Tensor], training: bool) -> torch.Tensor | None:
         """One convolution with merged(W) and the base bias, on a plain conv base of the adapter's dtype."""

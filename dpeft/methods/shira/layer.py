@@ -77,6 +77,10 @@ class ShiraLayer(MethodLayer):
             )
         return indices.cpu()
 
+    def set_scale(self, scale: float) -> None:
+        """PEFT's SHiRA ``set_scale``: delta W becomes scale * scatter(shira_weight) (1.0 at creation; not saved)."""
+        self.scaling = scale
+
     def delta_weight(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
         weight = p["shira_weight"]
         rows, cols = p["shira_indices"].long()

@@ -1,0 +1,137 @@
+"""Holder modules: where the store registers adapter tensors so that module paths are PEFT's.
+
+PEFT keeps ``q_proj.lora_A.default.weight``: a `ModuleDict` per tensor kind and a module per adapter. dpeft builds
+that path from `_Holder` modules (containers of holders and parameters only) and registers the store's tensors at
+its leaves. Loading an adapter makes four holders per adapted layer, so they are built without `nn.Module.__init__`
+and walked without generators; the helpers here are what injection, loading and deletion share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import nn
+
+
+class _Holder(nn.ModuleDict):
+    """Container module that gives adapter parameters PEFT's module paths (``lora_A.default.weight``)."""
+
+    def train(self, mode: bool = True) -> _Holder:
+        # Holders hold only holders and parameters: set the flag without nn.Module's per-attribute __setattr__
+        # (an eval() of a loaded model visits four of these per adapted layer).
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        stack = [self]
+        while stack:
+            holder = stack.pop()
+            holder.__dict__["training"] = mode
+            stack.extend(holder._modules.values())
+        return self
+
+
+def _module_state() -> tuple[dict, tuple[tuple[str, type], ...]]:
+    """The attributes `nn.Module.__init__` gives every module: plain values, and (name, type) of its empty
+    containers, which every instance needs fresh."""
+    state = dict(nn.Module().__dict__)
+    containers = tuple((k, type(v)) for k, v in state.items() if isinstance(v, (dict, set, list)))
+    assert not any(v for _, v in state.items() if isinstance(v, (dict, set, list))), (
+        "a new module has empty containers"
+    )
+    return {k: v for k, v in state.items() if not isinstance(v, (dict, set, list))}, containers
+
+
+_PLAIN, _CONTAINERS = _module_state()
+
+
+def init_module_state(module: nn.Module) -> None:
+    """Give `module` the attributes ``nn.Module.__init__`` gives (fresh containers), in place of that call: for
+    classes whose own ``__init__`` adds nothing before it. ``nn.Module.__init__`` sets each attribute through
+    ``__setattr__`` and costs several times this; injection builds one holder per path segment of every adapter
+    tensor and one wrapper per adapted layer."""
+    attrs = module.__dict__
+    attrs.update(_PLAIN)
+    for name, kind in _CONTAINERS:
+        attrs[name] = kind()
+
+
+def bare_module(cls: type[nn.Module]) -> nn.Module:
+    """An empty `cls` (an `nn.Module` whose ``__init__`` only calls ``nn.Module.__init__``) built without either."""
+    module = cls.__new__(cls)
+    init_module_state(module)
+    return module
+
+
+def attach(owner: nn.Module, path: tuple[str, ...], param: nn.Parameter) -> None:
+    """Register `param` under `owner` at `path` (``("lora_A", "default", "weight")``), making holders on the way."""
+    module = owner
+    for part in path[:-1]:
+        child = module._modules.get(part)
+        if child is None:
+            child = bare_module(_Holder)
+            if type(module) is _Holder:  # holds only holders and parameters: no attribute to collide with
+                assert part not in module._parameters, f"{part} is both a parameter and a holder"
+                module._modules[part] = child
+            else:
+                module.add_module(part, child)
+        module = child
+    if type(module) is _Holder:
+        assert path[-1] not in module._modules, f"{path[-1]} is both a holder and a parameter"
+        module._parameters[path[-1]] = param
+    else:
+        module.register_parameter(path[-1], param)
+
+
+def detach_holders(owner: nn.Module, adapter: str) -> None:
+    """Remove `adapter`'s tensors from the holder modules under `owner` (and holders left empty)."""
+    for name, child in list(owner._modules.items()):
+        if isinstance(child, _Holder):
+            child._modules.pop(adapter, None)
+            child._parameters.pop(adapter, None)
+            for sub in child._modules.values():
+                if isinstance(sub, _Holder):
+                    detach_holders(sub, adapter)
+            if not child._modules and not child._parameters:
+                del owner._modules[name]
+
+
+def walk_modules(root: nn.Module, stop: tuple[type, ...] = ()) -> Iterator[tuple[str, nn.Module]]:
+    """``root.named_modules()`` in the same order, less the store's holders below `root` and what lies inside a
+    module of a `stop` type (which is itself yielded).
+
+    Finding wrappers, targets or embeddings never needs the holders (a quarter of a loaded model's modules are
+    holders), and a stack walk costs a third of `named_modules`' nested generators. Each module is visited once,
+    under the first name it is reached by, as in `named_modules`.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", root)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield name, module
+        children = module._modules
+        if children and not (stop and isinstance(module, stop) and module is not root):
+            prefix = f"{name}." if name else ""
+            stack.extend(
+                (prefix + key, child)
+                for key, child in reversed(children.items())
+                if child is not None and type(child) is not _Holder
+            )
+
+
+def walk_parameters(root: nn.Module) -> Iterator[nn.Parameter]:
+    """Every parameter under `root` (holders included), each once, without `parameters()`' named walk."""
+    seen: set[int] = set()
+    stack = [root]
+    modules: set[int] = set()
+    while stack:
+        module = stack.pop()
+        if id(module) in modules:
+            continue
+        modules.add(id(module))
+        for param in module._parameters.values():
+            if param is not None and id(param) not in seen:
+                seen.add(id(param))
+                yield param
+        stack.extend(m for m in module._modules.values() if m is not None)

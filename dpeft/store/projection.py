@@ -1,0 +1,38 @@
+"""Projections of stored tensors before each read (`ParamSpec.project`), for methods whose PEFT layers rewrite
+their own parameter in place inside forward (constrained OFT keeps each rotation block near the identity).
+
+PEFT copies the projected value into the parameter under ``torch.no_grad`` and then computes with it, so the
+optimizer steps from the projected value and the gradient is that of the projected value. The store does the same
+through its own `write` (each rank keeps its part of the full value, so the sharded backend needs nothing more) and
+hands out ``value + (projected - value)``: the projected value, with gradients passed through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def project_reads(store: Any, entry: Any, own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`own` (the tensors `store.get` read for `entry`) with each projected tensor projected and written back."""
+    if store._fsdp is not None or store._deepspeed is not None:
+        names = [n for n, s in entry.specs.items() if s.project is not None]
+        raise ValueError(
+            f"adapter {entry.adapter!r} on {entry.module_name or 'the model'}: tensors {names} are projected in place "
+            "before each use (e.g. OFT with coft=True), which the fsdp2 and deepspeed store backends do not support; "
+            "use the local or sharded backend, or turn the constraint off"
+        )
+    out = dict(own)
+    for name, spec in entry.specs.items():
+        if spec.project is None:
+            continue
+        value = own[name]
+        with torch.no_grad():
+            projected = spec.project(value.detach())
+            if not torch.equal(projected, value):
+                store.write(entry, name, projected)  # the same decision on every rank: all hold the same full value
+        # Locally `value` is the parameter itself and now holds `projected` (the shift is zero); under the sharded
+        # backend it is the gathered copy of the old value. Either way the result reads `projected`.
+        out[name] = value + (projected - value.detach())
+    return out
