@@ -181,7 +181,12 @@ def bench_load(repeats: int, directory: str) -> dict[str, list[float]]:
 
 # ---------------------------------------------------------------------------------------------- saving
 def bench_save(repeats: int, source: str, out: str) -> dict[str, list[float]]:
-    """Seconds of `save_pretrained` in each library and of a raw safetensors `save_file`."""
+    """Seconds of `save_pretrained` in each library and of a raw safetensors `save_file`.
+
+    Like for like: every contender replaces its previous file in the same directory each round (safetensors >= 0.7
+    `save_file` itself writes a temporary file and renames it, as dpeft does), and dpeft's file must hold exactly
+    the raw file's bytes (checked below), so neither side writes less.
+    """
     ours = dpeft.PeftModel.from_pretrained(build_base(), source)
     theirs = peft.PeftModel.from_pretrained(build_base(), source)
     tensors = {k: v.contiguous() for k, v in dpeft.get_peft_model_state_dict(ours).items()}
@@ -192,7 +197,11 @@ def bench_save(repeats: int, source: str, out: str) -> dict[str, list[float]]:
         "dpeft": lambda: ours.save_pretrained(os.path.join(out, "dpeft")),
         "peft": lambda: theirs.save_pretrained(os.path.join(out, "peft")),
     }
-    return interleaved(fns, repeats)
+    times = interleaved(fns, repeats)
+    with open(raw_path, "rb") as raw, open(os.path.join(out, "dpeft", "adapter_model.safetensors"), "rb") as saved:
+        if raw.read() != saved.read():
+            raise RuntimeError("dpeft's adapter file differs from save_file's: the comparison is not like for like")
+    return times
 
 
 # ---------------------------------------------------------------------------------------------- report

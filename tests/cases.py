@@ -190,6 +190,9 @@ CASES += [
     Case("oft-modules-to-save", "mlp", oft(target_modules=["lin0"], oft_block_size=5, modules_to_save=["lin2"])),
     Case("oft-embedding", "emb_conv1d", oft(target_modules=["emb"], r=1, oft_block_size=0)),
     Case("oft-conv2d-1x1", "conv2d", oft(target_modules=["conv2d_1x1"], oft_block_size=5)),
+    # Constrained OFT: every use first projects the stored blocks into the eps-ball (written back, as PEFT does).
+    Case("oft-coft", "mlp", oft(target_modules=["lin0", "lin1"], oft_block_size=5, coft=True, eps=0.05)),
+    Case("oft-coft-embedding", "emb_conv1d", oft(target_modules=["emb"], r=1, oft_block_size=0, coft=True, eps=0.1)),
     # PEFT 0.21.2's unmerged OFT forward on k>1 convolutions sums overlapping patches (not the identity at init);
     # dpeft uses the merged form W R^T, which tests/test_method_oft.py checks against PEFT's merged model.
     Case("oft-conv2d", "conv2d", oft(target_modules=["conv2d", "conv2d_1x1"], oft_block_size=5), peft_interop=False),
@@ -490,7 +493,10 @@ CASES += [
     ),
     Case("p-tuning-llama-mlp", "llama", p_tuning(task_type="CAUSAL_LM"), **PROMPT),
     Case(
-        "p-tuning-llama-lstm", "llama", p_tuning(encoder_reparameterization_type="LSTM", task_type="CAUSAL_LM"), **PROMPT
+        "p-tuning-llama-lstm",
+        "llama",
+        p_tuning(encoder_reparameterization_type="LSTM", task_type="CAUSAL_LM"),
+        **PROMPT,
     ),
     Case("p-tuning-bert-seqcls", "bert", p_tuning(task_type="SEQ_CLS"), **PROMPT),
     # One task index per row (tests/models.py `llama_tasks`): each row gets its task's prompt.
@@ -502,3 +508,10 @@ CASES += [
         **PROMPT,
     ),
 ]
+
+# Registered methods without a row, each with the reason and where the same checks run for it
+# (tests/test_common.py's coverage test reads this).
+NOT_IN_TABLE = {
+    "LN_TUNING": "starts as an exact copy of the norm layers (PEFT has no init that changes outputs), so "
+    "'forward changes outputs' cannot hold; tests/test_methods_interop.py LN_CASES runs the checks on trained copies",
+}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import CASES
+from cases import CASES, NOT_IN_TABLE
 from conftest import (
     assert_close,
     assert_differs,
@@ -177,6 +177,14 @@ def test_trainable_parameters_and_backward(case):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert grads == trainable, f"no gradient for {sorted(trainable - grads)[:5]}"
     assert any(model.get_parameter(n).grad.abs().sum() > 0 for n in grads)
+
+
+def test_every_registered_method_has_a_row():
+    """A new method arrives with case-table rows (or a stated reason in `NOT_IN_TABLE`)."""
+    covered = {case.config().peft_type for case in CASES}
+    missing = sorted(set(dpeft.registered_methods()) - covered - set(NOT_IN_TABLE))
+    assert not missing, f"registered methods without a row in tests/cases.py: {missing}"
+    assert not covered & set(NOT_IN_TABLE), "a method with rows is also listed in NOT_IN_TABLE"
 
 
 def test_delete_one_of_two_active_adapters_keeps_the_other_active():

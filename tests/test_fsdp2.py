@@ -194,3 +194,85 @@ def test_fsdp2_equals_one_process_and_refuses_corrupt_saves():
         for message, written in found.values():
             assert "base_model.model.model.layers.0" in message
             assert written == [], found  # nothing was published
+
+
+def _fsdp2_accelerator():
+    """An `Accelerator` with accelerate's FSDP2 plugin on these gloo CPU ranks.
+
+    accelerate 1.15 turns its FSDP plugin on only for accelerator devices: on CPU ranks it reports MULTI_CPU and
+    wraps the model in DDP. Setting the state's distributed type to FSDP runs its real FSDP2 `prepare` code here.
+    """
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    accelerator = Accelerator(cpu=True, fsdp_plugin=plugin)
+    accelerator.state.distributed_type = DistributedType.FSDP  # (the shared state: set again before each prepare)
+    accelerator.state.fsdp_plugin = plugin
+    assert accelerator.is_fsdp2 and accelerator.num_processes == 2
+    return accelerator
+
+
+def _accelerate() -> dict:
+    """apply_fsdp, then accelerator.prepare(model, optimizer): 3 SGD steps and a save against one process; and a
+    model prepared without apply_fsdp, which dpeft refuses on forward and on save."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    accelerator = _fsdp2_accelerator()
+    local, wrapped = _pair("lora")
+    ids = torch.randint(0, 64, (2 * world, 8), generator=torch.Generator().manual_seed(7))
+    optimizer = torch.optim.SGD(wrapped.store.optimizer_parameters(), lr=0.5)
+    prepared, optimizer = accelerator.prepare(wrapped, optimizer)
+    ref_optimizer = torch.optim.SGD([p for p in local.parameters() if p.requires_grad], lr=0.5)
+    loss_diff = 0.0
+    for _ in range(3):
+        ref = _loss(local, ids)
+        ref.backward()
+        ref_optimizer.step()
+        ref_optimizer.zero_grad()
+        loss = _loss(prepared, ids.chunk(world)[rank])
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        mean = accelerator.reduce(loss.detach(), reduction="mean")
+        loss_diff = max(loss_diff, abs(mean.item() - ref.item()))
+    with tempfile.TemporaryDirectory() as tmp:
+        wrapped.save_pretrained(tmp, is_main_process=accelerator.is_main_process)
+        saved = load_file(os.path.join(tmp, "adapter_model.safetensors")) if rank == 0 else None
+    expected = local.store.state_dict("default")
+    out = {
+        "same_model": prepared is wrapped,
+        "backend": wrapped.store.backend,
+        "loss_diff": loss_diff,
+        "saved_diff": max((saved[k] - v).abs().max().item() for k, v in expected.items()) if rank == 0 else 0.0,
+    }
+    torch.manual_seed(0)
+    unwrapped = dpeft.get_peft_model(build("llama")[0], CONFIGS["lora"]())
+    # accelerate's own fully_shard (it wants the optimizer too): the store does not know the DTensors.
+    accelerator = _fsdp2_accelerator()
+    plain, _ = accelerator.prepare(unwrapped, torch.optim.SGD(unwrapped.store.optimizer_parameters(), lr=0.5))
+    out["plain_wrapped"] = type(plain).__name__
+    for what, call in [
+        ("forward", lambda: plain(input_ids=ids)),
+        ("save", lambda: unwrapped.save_pretrained(tempfile.mkdtemp(), is_main_process=rank == 0)),
+    ]:
+        try:
+            call()
+            out[what] = "accepted"
+        except ValueError as exc:
+            out[what] = str(exc)
+    return out
+
+
+def test_accelerate_fsdp2_plugin():
+    """A model wrapped by apply_fsdp and then prepared by accelerate's FSDP2 plugin trains and saves like one
+    process (accelerate leaves an FSDP2 module as it is); one that accelerate wrapped by itself is refused with an
+    error naming apply_fsdp, before a step could silently not train it or a save write its initial values."""
+    per_rank = run_distributed(_accelerate, 2, timeout=400)
+    for rank, r in enumerate(per_rank):
+        assert r["same_model"] and r["backend"] == "fsdp2" and r["plain_wrapped"] == "FSDPPeftModel", (rank, r)
+        assert r["loss_diff"] < 1e-5 and r["saved_diff"] < 1e-5, (rank, r)
+        assert "dpeft.dist.fsdp.apply_fsdp(model) first" in r["forward"], (rank, r["forward"])
+    # Only the main process writes (and reads the tensors) on the local backend the store still thinks it has.
+    assert "dpeft.dist.fsdp.apply_fsdp(model) first" in per_rank[0]["save"], per_rank[0]["save"]

@@ -50,6 +50,8 @@ METHOD_CASES: dict[str, tuple[str, dict]] = {
             target_modules=["embed_tokens", "q_proj"], oft_block_size=4, use_cayley_neumann=False, init_weights=False
         ),
     ),
+    # Constrained OFT: the saved (unprojected) blocks are projected before merging, as merge_and_unload does.
+    "oft-coft": ("OFT", dict(target_modules=ATTN, oft_block_size=4, init_weights=False, coft=True, eps=0.05)),
     "boft": ("BOFT", dict(target_modules=ATTN, boft_block_size=4, boft_n_butterfly_factor=2, init_weights=False)),
     "hra": ("HRA", dict(target_modules=ATTN, r=4, init_weights=False)),
     "hra-gram-schmidt": ("HRA", dict(target_modules=ATTN, r=3, apply_GS=True, init_weights=False)),

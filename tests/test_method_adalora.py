@@ -237,3 +237,22 @@ def test_allocation_under_sharded_backend_equals_local():
     for r in run_distributed(_sharded_allocation, 2):
         assert r["sharded"] == "sharded" and r["same_patterns"] and r["masked"], r
         assert r["value_diff"] < 1e-5, r
+
+
+def test_store_gather_of_a_per_rank_value_under_deepspeed_needs_the_full_shape():
+    """Issue 4: ZeRO-3 holds flat slices (the parameter is shape [0] outside the forward), so a statistic shaped like
+    the partitioned parameter cannot be completed; `gather` refuses it instead of returning it as if it were full."""
+
+    class _View:  # the part of `DeepSpeedView` that `gather` reads (ZeRO itself needs DS_ACCELERATOR and 2 ranks)
+        def full_tensor(self, param):
+            return param.detach()
+
+    model, _ = _pair()
+    store = model.store
+    entry = next(e for e in store.entries("default") if "lora_E" in e.specs)
+    store.use_deepspeed(_View())
+    shape = tuple(entry.specs["lora_A"].shape)
+    full = torch.arange(float(torch.Size(shape).numel())).view(shape)
+    assert torch.equal(store.gather(entry, "lora_A", full), full)
+    with pytest.raises(ValueError, match=r"lora_A: under the deepspeed backend .* got shape \(0,\)"):
+        store.gather(entry, "lora_A", torch.zeros(0))

@@ -1,10 +1,10 @@
 """Prompt learning (prompt tuning, P-tuning, prefix tuning) against HF PEFT, the test-only oracle.
 
-These methods adapt no layer, so the case table's common checks (which look for adapted layers, merge, and compare
-module paths) do not fit them; this file runs the same checks for them: checkpoints both ways with equal outputs
-(float32, 1e-5) on tiny llama (CAUSAL_LM), T5 and BART (SEQ_2_SEQ_LM), BERT (SEQ_CLS, TOKEN_CLS, QUESTION_ANS,
-FEATURE_EXTRACTION), `generate` giving PEFT's tokens, configs both ways, same seed -> PEFT's tensors, disable /
-unload give the base model, two adapters, refused merges, and the errors. Training parity with PEFT is in
+The case table (tests/cases.py) runs the common checks on tiny llama (CAUSAL_LM) and BERT (SEQ_CLS) rows of each
+method; this file adds more models and task classes and what the table does not check: checkpoints both ways
+with equal outputs (float32, 1e-5) on tiny llama (CAUSAL_LM), T5 and BART (SEQ_2_SEQ_LM), BERT (SEQ_CLS, TOKEN_CLS,
+QUESTION_ANS, FEATURE_EXTRACTION), `generate` giving PEFT's tokens, configs both ways, same seed -> PEFT's tensors,
+disable / unload give the base model, two adapters, refused merges, and the errors. Training parity with PEFT is in
 tests/test_methods_interop.py (PARITY); local vs sharded training here (slow).
 """
 
@@ -357,6 +357,53 @@ def test_text_init_equals_peft(tmp_path):
     assert_close(saved, peft.get_peft_model_state_dict(theirs)["prompt_embeddings"], atol=0)
     rows = tiny_llama().get_input_embeddings().weight[[7, 3, 7, 3, 7]]  # the text's ids, repeated to 5 tokens
     assert_close(saved, rows, atol=0)
+
+
+def test_peft_module_layout_and_an_emptied_wrapper_switches_kind():
+    """PEFT's layout: the user's model is `base_model`, encoders at `prompt_encoder.<adapter>`; a wrapper whose
+    adapters were all deleted takes the other kind of adapter (one evaluator wrapper serves both kinds)."""
+    base = tiny_llama()
+    with torch.no_grad():
+        reference = base(input_ids=IDS).logits
+    model = _llama_prompt()
+    assert model.base_model is model.get_base_model() and type(model.base_model).__name__ == "LlamaForCausalLM"
+    assert model.base_model.model.layers is model.get_base_model().model.layers
+    assert model.prompt_encoder["default"].embedding.weight is next(iter(model.store.parameters("default")))
+    assert [n for n, _ in model.named_children()] == ["base_model", "prompt_encoder", "word_embeddings"]  # PEFT's
+    model.delete_adapter("default")
+    assert "prompt_encoder" not in dict(model.named_children())
+    lora = dpeft.LoraConfig(target_modules=["q_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    model.add_adapter("lora", lora)
+    model.set_adapter("lora")
+    assert type(model.base_model).__name__ == "AdapterModel" and "word_embeddings" not in dict(model.named_children())
+    assert all(n.startswith("base_model.model.model.") for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        model.add_adapter("prompt", pt("CAUSAL_LM")())
+    model.delete_adapter("lora")
+    with pytest.raises(ValueError, match="num_virtual_tokens"):  # a failed add leaves the layout as it was
+        model.add_adapter("prompt", dpeft.PromptTuningConfig(task_type="CAUSAL_LM"))
+    assert type(model.base_model).__name__ == "AdapterModel"
+    model.add_adapter("prompt", pt("CAUSAL_LM")())
+    model.set_adapter("prompt")
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt_encoder.prompt.embedding.weight"]
+    with torch.no_grad():
+        assert model(input_ids=IDS).logits.shape[1] == IDS.shape[1] + 3
+        with model.disable_adapter():
+            assert_close(model(input_ids=IDS).logits, reference, atol=0)
+
+
+def test_training_loop_loss_drops_the_virtual_positions():
+    """`dpeft.train.run` and `dpeft.eval` compute the loss from logits: a causal LM's virtual-token outputs (in front)
+    have no label and are dropped, leaving the plain model's terms (next real token from each real position)."""
+    from dpeft.train.loop import loss_sum, target_count
+
+    model = _llama_prompt(pt("CAUSAL_LM"))
+    with torch.no_grad():
+        logits = model(input_ids=IDS).logits
+    assert logits.shape[1] == IDS.shape[1] + 3
+    want = torch.nn.functional.cross_entropy(logits[:, 3:-1].reshape(-1, 64), IDS[:, 1:].reshape(-1), reduction="sum")
+    assert_close(loss_sum(logits, IDS, "causal_lm"), want, atol=1e-4)
+    assert target_count({"labels": IDS}, "causal_lm") == IDS[:, 1:].numel()
 
 
 def test_config_errors():

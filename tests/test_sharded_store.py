@@ -80,8 +80,8 @@ def _parity(config_name: str) -> dict:
     loss_mean /= world
     # per-row logits: the sharded forward on my rows equals the local forward on the same rows
     with torch.no_grad():
-        logit_diff = (sharded(input_ids=mine, **my_extra).logits - local(input_ids=mine, **my_extra).logits).abs().max()
-        logit_diff = logit_diff.item()
+        diff = sharded(input_ids=mine, **my_extra).logits - local(input_ids=mine, **my_extra).logits
+        logit_diff = diff.abs().max().item()
 
     local_params = dict(local.store.param_keys())
     by_key = {local_params[id(p)][0]: p for p in local.store.parameters() if id(p) in local_params}

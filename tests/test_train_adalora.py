@@ -3,13 +3,14 @@ documented point, and its checkpoints keep the allocator's importance averages a
 
 References and tolerances:
 - A hand-written HF PEFT loop (PEFT's AdaLoRA model on the same base, seed, batches and AdamW; backward,
-  ``optimizer.step()``, ``update_and_allocate(step)``, ``zero_grad()``): losses within 2e-6 at every step (the loop
-  sums token losses and scales by 1/count where PEFT takes the mean: float32 rounding only), rank pattern after the
-  run identical, final adapter within 1e-5.
+  ``optimizer.step()``, ``update_and_allocate(step)``, ``zero_grad()``): losses within 5e-6 at every step (the loop
+  sums token losses and scales by 1/count where PEFT takes the mean: float32 rounding only, measured 9.9e-7 on
+  losses near 6.5), rank pattern after the run identical, final adapter within 1e-5 (measured 6.7e-8).
 - Resume from a mid-schedule checkpoint (inside the budgeting phase): losses within 1e-6 of the uninterrupted run,
-  identical rank pattern and adapter (1e-6).
-- W=2 sharded vs one process (slow): losses within 2e-5 and adapters within 2e-4 (tests/test_train_dist.py's
-  bounds, summation order only); identical rank patterns; a W=2 checkpoint resumed at W=1 likewise.
+  identical rank pattern and adapter (1e-6; measured 0.0); without the saved averages the run diverges.
+- W=2 sharded, fsdp2 and local (all-reduce) vs one process (slow): losses within 2e-5 and adapters within 2e-4
+  (tests/test_train_dist.py's bounds, summation order only); identical rank patterns; a W=2 checkpoint resumed at
+  W=1 likewise.
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def test_loop_equals_a_hand_written_peft_loop(full):
     cfg = load_run_config(TINY, _overrides("unused"))
     losses, pattern, state = _peft_reference(cfg)
     for step, (a, b) in enumerate(zip(full.losses, losses)):
-        assert abs(a - b) < 2e-6, f"step {step}: loop loss {a} vs PEFT {b}"
+        assert abs(a - b) < 5e-6, f"step {step}: loop loss {a} vs PEFT {b}"
     our_pattern, ours = _saved(full.adapter_dir)
     assert our_pattern == pattern
     assert sum(map(sum, pattern.values())) == 2 * len(pattern)  # the final budget: target_r per layer on average
@@ -129,6 +130,14 @@ def test_loop_equals_a_hand_written_peft_loop(full):
 
 
 def test_resume_mid_schedule_equals_the_uninterrupted_run(full, tmp_path):
+    from dpeft.checkpoint.export import export_checkpoint
+
+    # The last checkpoint exports (rank pattern from the checkpoint, pruned triplets dropped) to the final adapter.
+    export_checkpoint(full.checkpoints[-1], str(tmp_path / "exported"))
+    exported, final = _saved(str(tmp_path / "exported")), _saved(full.adapter_dir)
+    assert exported[0] == final[0]
+    _assert_adapters_close(exported[1], final[1], 0.0)
+
     mid = full.checkpoints[0]
     manifest = json.load(open(os.path.join(mid, "dpeft.json")))
     assert manifest["extra"]["step"] == MID and manifest["adapters"]["default"]["rank_pattern"]  # already masking
@@ -215,10 +224,9 @@ def test_total_step_comes_from_the_run_unless_set(tmp_path):
     assert "total_step" not in _with_run_defaults({"peft_type": "LORA"}, 30)
     cfg = load_run_config(TINY, _overrides(str(tmp_path)))
     info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), group=None)
-    for backend in ("fsdp2", "deepspeed"):
-        model, _ = build_model(cfg.model, cfg.data.max_length, 0)
-        with pytest.raises(ValueError, match=f"local and sharded store backends only, not '{backend}'"):
-            build_peft_model(model, cfg, backend, info)
+    model, _ = build_model(cfg.model, cfg.data.max_length, 0)
+    with pytest.raises(ValueError, match="local, sharded and fsdp2 store backends, not deepspeed"):
+        build_peft_model(model, cfg, "deepspeed", info)
 
 
 def test_hooks_the_loop_cannot_run_are_refused_not_skipped():
@@ -242,22 +250,55 @@ def test_hooks_the_loop_cannot_run_are_refused_not_skipped():
         _check_model_hooks(model, "local", info)
 
 
-def _two_ranks(root: str) -> tuple[list[float], list[str]]:
-    result = run(TINY, _overrides(os.path.join(root, "w2"), "store.backend=sharded", f"checkpoint.every={MID}"))
-    return result.losses, result.checkpoints
+BACKENDS = ("sharded", "fsdp2", "local")  # local at W=2: replicated tensors, all-reduced gradients
+
+
+def _two_ranks(root: str) -> dict[str, tuple[list[float], list[str]]]:
+    out = {}
+    for backend in BACKENDS:
+        over = _overrides(os.path.join(root, backend), f"store.backend={backend}", f"checkpoint.every={MID}")
+        result = run(TINY, over)
+        out[backend] = (result.losses, result.checkpoints)
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_two_ranks_sharded_equal_one_process_and_reshard_to_one(full, tmp_path):
-    losses, checkpoints = run_distributed(_two_ranks, 2, str(tmp_path), timeout=600)[0]
-    assert losses == pytest.approx(full.losses, abs=2e-5, rel=0)
-    (pattern, ours), (want_pattern, want) = _saved(str(tmp_path / "w2" / "adapter")), _saved(full.adapter_dir)
-    assert pattern == want_pattern
-    _assert_adapters_close(ours, want, 2e-4)
-    # The W=2 mid-schedule checkpoint (sharded averages) resumed in one process.
-    resumed = run(TINY, _overrides(str(tmp_path / "w1"), f"checkpoint.resume={checkpoints[0]}"))
-    assert resumed.losses == pytest.approx(full.losses[MID:], abs=2e-5, rel=0)
-    (pattern, ours) = _saved(resumed.adapter_dir)
-    assert pattern == want_pattern
-    _assert_adapters_close(ours, want, 2e-4)
+def test_two_ranks_equal_one_process_and_reshard_to_one(full, tmp_path):
+    runs = run_distributed(_two_ranks, 2, str(tmp_path), timeout=900)[0]
+    want_pattern, want = _saved(full.adapter_dir)
+    for backend, (losses, checkpoints) in runs.items():
+        assert losses == pytest.approx(full.losses, abs=2e-5, rel=0), backend
+        pattern, ours = _saved(str(tmp_path / backend / "adapter"))
+        assert pattern == want_pattern, backend
+        _assert_adapters_close(ours, want, 2e-4)
+        # The W=2 mid-schedule checkpoint (averages saved as shards) resumed in one process.
+        resumed = run(TINY, _overrides(str(tmp_path / f"{backend}-w1"), f"checkpoint.resume={checkpoints[0]}"))
+        assert resumed.losses == pytest.approx(full.losses[MID:], abs=2e-5, rel=0), backend
+        pattern, ours = _saved(resumed.adapter_dir)
+        assert pattern == want_pattern, backend
+        _assert_adapters_close(ours, want, 2e-4)
+
+
+def test_grad_accumulation_adds_the_regulariser_once_per_step(full, tmp_path):
+    accum = run(TINY, _overrides(str(tmp_path / "accum"), "train.grad_accum_steps=2"))
+    assert accum.losses == pytest.approx(full.losses, abs=1e-5, rel=0)
+    assert _saved(accum.adapter_dir)[0] == _saved(full.adapter_dir)[0]
+
+
+def test_inference_mode_model_loads_a_training_checkpoint(full):
+    """An adapter that keeps no allocator (inference mode) loads the tensors and ignores the saved averages."""
+    from dpeft.checkpoint.dcp import load_checkpoint
+
+    cfg = load_run_config(TINY, _overrides("unused"))
+    base, _ = build_model(cfg.model, cfg.data.max_length, cfg.train.seed)
+    peft = {**cfg.peft, "task_type": "CAUSAL_LM", "total_step": STEPS, "inference_mode": True}
+    model = dpeft.get_peft_model(base, dpeft.get_peft_config(peft))
+    assert model.base_model.model_hooks["default"].rankallocator is None
+    load_checkpoint(full.checkpoints[-1], model)
+    assert model.peft_config["default"].rank_pattern == _saved(full.adapter_dir)[0]
+    base, _ = build_model(cfg.model, cfg.data.max_length, cfg.train.seed)
+    saved = dpeft.PeftModel.from_pretrained(base, full.adapter_dir)
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, saved(input_ids=ids).logits, atol=1e-5, rtol=0)

@@ -30,6 +30,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from dpeft.checkpoint.dcp_hooks import apply_hook_state, hook_placeholders, hook_state, restored_config_fields
 from dpeft.checkpoint.dcp_manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -42,7 +43,6 @@ from dpeft.checkpoint.dcp_manifest import (
     verify_checksums,
     write_manifest,
 )
-from dpeft.checkpoint.dcp_hooks import apply_hook_state, hook_placeholders, hook_state, restored_config_fields
 from dpeft.checkpoint.dcp_optim import load_optimizer_state, optimizer_state
 from dpeft.checkpoint.integrity import check_before_save, check_read_back
 from dpeft.dist import barrier, get_rank, get_world_size, is_distributed

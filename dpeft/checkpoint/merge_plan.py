@@ -305,6 +305,8 @@ def _adapter_tensors(step: Step, source: AdapterSource, compute: torch.dtype | N
         else:
             t = source.get(key)
             out[name] = t.to(dtype) if t.is_floating_point() else t
+            if spec.project is not None:  # what every in-memory read sees (`ParamSpec.project`), merging included
+                out[name] = spec.project(out[name])
     return out
 
 

@@ -58,8 +58,10 @@ class DeepSpeedView:
         (its statistics are summed over ranks), the full parameter where it is not partitioned."""
         if not self.partitioned(param):
             return param.detach()
-        part = param.ds_tensor.detach()
-        return self._dtensor(part, (part.numel() * self.world,))
+        # Partitions are equal-sized; the last ones are padded past the tensor's end with uninitialised memory.
+        part = param.ds_tensor.detach().reshape(-1)
+        valid = max(0, min(part.numel(), param.ds_numel - self.rank * part.numel()))
+        return self._dtensor(part[:valid], (param.ds_numel,))
 
     def dtensor(self, param: nn.Parameter, shape: tuple[int, ...]):
         """This rank's ``torch.chunk`` rows of `param` as a ``Shard(0)`` `DTensor` over `shape` (a copy)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,16 +13,22 @@ from torch import nn
 from dpeft.config import PeftConfig
 from dpeft.model.forward_args import forward_extras
 from dpeft.model.layer import BASE_ADAPTER
+from dpeft.model.loading import conversion_mapping, remap_keys, restore, trainability
 from dpeft.model.model_hooks import add_extra_losses
 from dpeft.model.prompt import prompt_forward, word_embeddings_of
 from dpeft.model.prompt_generate import causal_generate, seq2seq_generate
 from dpeft.model.state import get_peft_model_state_dict, set_peft_model_state_dict
 from dpeft.model.tuner import AdapterModel
 from dpeft.store import load_adapter_weights, save_adapter_weights
+from dpeft.store.fsdp_view import refuse_foreign_fsdp
 
 
 class PeftModel(nn.Module):
     """A base model with adapters. Same constructor, attributes and methods as HF PEFT's `PeftModel`.
+
+    Module paths are PEFT's: `base_model` is the tuner (`AdapterModel`, the user's model at `base_model.model`), or,
+    for prompt-learning adapters, the user's model itself, with the encoders at `prompt_encoder.<adapter>` and the
+    input embeddings at `word_embeddings` (the tuner is then held unregistered; `dpeft.model.tuner.tuner_of`).
 
     Args:
         model: The base model (a transformers model or any `nn.Module`).
@@ -133,6 +138,7 @@ class PeftModel(nn.Module):
     def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any):
         """Run the base model with the active adapters, or per-row adapters when `adapter_names` is given
         (one name per batch row; ``"__base__"`` for no adapter)."""
+        refuse_foreign_fsdp(self._tuner.store)  # e.g. accelerate's FSDP2 plugin without dpeft's apply_fsdp
         if self._prompt_active(adapter_names):
             return prompt_forward(self, self._prompt_task, _ids_from_args(args, kwargs))
         with self._routing(adapter_names), forward_extras(self._tuner, kwargs):  # e.g. task_ids
@@ -181,21 +187,42 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: bool = True,
     ) -> None:
         """Add a new (inactive) adapter; `set_adapter` activates it."""
-        if peft_config.is_prompt_learning != self._is_prompt_learning:  # the module layout differs (as in PEFT)
-            kind = "prompt-learning" if self._is_prompt_learning else "non-prompt-learning"
+        relayout = peft_config.is_prompt_learning != self._is_prompt_learning
+        if relayout and self.peft_config:  # the module layouts differ (as in PEFT, which refuses the mix)
             raise ValueError(
-                f"cannot add a {peft_config.peft_type} adapter to a PeftModel built for {kind} adapters: prompt "
-                "learning and other methods cannot be combined in one model (as in HF PEFT); build another PeftModel"
+                f"cannot add a {peft_config.peft_type} adapter to a model with {sorted(self.peft_config)}: "
+                "prompt-learning adapters cannot be combined with adapters of another type (as in HF PEFT)"
             )
+        if relayout:  # an emptied wrapper takes the other kind (e.g. one evaluator wrapper for many adapters)
+            self._use_prompt_layout(peft_config.is_prompt_learning)
         self._add_head_modules(peft_config)
         active = self._tuner.active_adapter
         previous = self._tuner.autocast_adapter_dtype
         self._tuner.autocast_adapter_dtype = autocast_adapter_dtype
         try:
             self._tuner.inject_adapter(adapter_name, peft_config, init=not low_cpu_mem_usage)
+        except BaseException:
+            if relayout:
+                self._use_prompt_layout(not peft_config.is_prompt_learning)
+            raise
         finally:
             self._tuner.autocast_adapter_dtype = previous
         self._tuner.set_adapter(active)
+
+    def _use_prompt_layout(self, prompt: bool) -> None:
+        """Switch an adapter-less wrapper between PEFT's two module layouts (see `__init__`)."""
+        tuner = self._tuner
+        if prompt:
+            del self.base_model
+            self.base_model = tuner.model
+            object.__setattr__(self, "_prompt_tuner", tuner)
+            self.word_embeddings = word_embeddings_of(tuner.model)
+        else:
+            del self.__dict__["_prompt_tuner"], self.word_embeddings
+            self._modules.pop("prompt_encoder", None)  # an empty holder, if any is left
+            self.base_model = tuner
+        object.__setattr__(tuner, "prompt_root", self if prompt else tuner)
+        self._is_prompt_learning = prompt
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate adapter(s); they become trainable unless `inference_mode` (or their config's) freezes them."""
@@ -335,20 +362,20 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         model_cls = task_model_class(config.task_type) if cls is PeftModel else cls
         state = load_adapter_weights(os.path.join(model_id, kwargs.get("subfolder") or ""))
-        state = _remap_keys(state, key_mapping if key_mapping is not None else _conversion_mapping(model))
-        trainability = _trainability(model)
+        state = remap_keys(state, key_mapping if key_mapping is not None else conversion_mapping(model))
+        flags = trainability(model)
         try:
             peft_model = model_cls(
                 model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=True
             )
         except BaseException:
-            _restore(trainability)
+            restore(flags)
             raise
         try:
             peft_model._load_state(state, adapter_name, torch_dtype)
         except BaseException:
             peft_model._tuner.delete_adapter(adapter_name, _rollback=True)
-            _restore(trainability)  # injection froze the base; a failed load must leave it as it was
+            restore(flags)  # injection froze the base; a failed load must leave it as it was
             raise
         if not is_trainable:
             peft_model.eval()
@@ -381,9 +408,9 @@ class PeftModel(nn.Module):
         state = load_adapter_weights(
             os.path.join(model_id, kwargs.get("subfolder") or ""), device=torch_device or "cpu"
         )
-        mapping = key_mapping if key_mapping is not None else _conversion_mapping(self.get_base_model())
-        state = _remap_keys(state, mapping)
-        trainability = _trainability(self)
+        mapping = key_mapping if key_mapping is not None else conversion_mapping(self.get_base_model())
+        state = remap_keys(state, mapping)
+        flags = trainability(self)
         try:
             self.add_adapter(
                 adapter_name, config, low_cpu_mem_usage=True, autocast_adapter_dtype=autocast_adapter_dtype
@@ -392,7 +419,7 @@ class PeftModel(nn.Module):
         except BaseException:
             if adapter_name in self.peft_config:
                 self._tuner.delete_adapter(adapter_name, _rollback=True)
-            _restore(trainability)
+            restore(flags)
             raise
         if not is_trainable:
             self.eval()
@@ -403,32 +430,3 @@ def _ids_from_args(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     if len(args) > 1:
         raise TypeError("pass the inputs of a prompt-learning model as keyword arguments (input_ids=..., ...)")
     return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
-
-
-def _trainability(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
-    return [(p, p.requires_grad) for p in model.parameters()]
-
-
-def _restore(trainability: list[tuple[nn.Parameter, bool]]) -> None:
-    for param, requires_grad in trainability:
-        param.requires_grad_(requires_grad)
-
-
-def _conversion_mapping(model: nn.Module) -> dict[str, str]:
-    return dict(getattr(model, "_checkpoint_conversion_mapping", None) or {})
-
-
-def _remap_keys(state: dict[str, torch.Tensor], key_mapping: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Rename checkpoint keys with regex -> replacement rules (first rule that matches wins), prefix kept aside."""
-    if not key_mapping:
-        return state
-    out = {}
-    for key, value in state.items():
-        prefix = next((p for p in ("base_model.model.", "base_model.") if key.startswith(p)), "")
-        body = key[len(prefix) :]
-        for pattern, replacement in key_mapping.items():
-            body, count = re.subn(pattern, replacement, body)
-            if count:
-                break
-        out[prefix + body] = value
-    return out

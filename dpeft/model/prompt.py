@@ -2,8 +2,8 @@
 
 A prompt-learning adapter adapts no layer: its method's `PromptEncoder` (see `dpeft.methods.prompt_base`) declares
 its tensors to the store, registered at ``prompt_encoder.<adapter>`` of the tuner's `prompt_root` (the `PeftModel`,
-whose ``base_model`` is then the user's model itself: HF PEFT's module paths), and produces either embeddings, which are
-prepended to the input embeddings (attention mask extended, labels padded with -100), or per-layer key/value
+whose ``base_model`` is then the user's model itself: HF PEFT's module paths), and produces either embeddings, which
+are prepended to the input embeddings (attention mask extended, labels padded with -100), or per-layer key/value
 prefixes, which reach the model as a transformers cache (`DynamicCache`, or `EncoderDecoderCache` for
 encoder-decoder models). Generation patches the base model's `prepare_inputs_for_generation` for the duration of
 one `generate` call so that the prompt enters at the first step only.
@@ -21,7 +21,7 @@ from torch import nn
 from dpeft.config import PeftConfig
 from dpeft.store import PEFT_PREFIX, detach_holders
 
-#: Where the encoders' tensors hang under the tuner, and the store's module name for them.
+#: Where the encoders' tensors hang under the tuner's `prompt_root`, and the store's module name for them.
 PROMPT_MODULE = "prompt_encoder"
 KV = "past_key_values"
 

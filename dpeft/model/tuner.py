@@ -25,7 +25,7 @@ from dpeft.model.targets import find_targets, resolve_target_modules
 from dpeft.quant import get_handler, is_bnb_layer, quantized_handler, supported_layer_types
 from dpeft.quant.merge import base_quantization, check_quantized_merge, dequantize_model, record_quantized_merge
 from dpeft.store import AdapterStore, Entry, detach_holders
-from dpeft.store.holders import walk_modules, walk_parameters
+from dpeft.store.holders import walk_modules
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -222,8 +222,11 @@ class AdapterModel(nn.Module):
             self.store.adopt(name, adapter_name, {n: (p, n) for n, p in clone.named_parameters()})
 
     def _mark_trainable(self, adapter_name: str, config: PeftConfig) -> None:
-        for param in walk_parameters(self.model):
-            param.requires_grad_(False)
+        # The base's own parameters (the store's, in the holders this walk skips, are set just below).
+        for _, module in walk_modules(self.model):
+            for param in module._parameters.values():
+                if param is not None:
+                    param.requires_grad_(False)
         for name in self.peft_config:
             self.store.set_requires_grad(
                 name, name in self.active_adapters and not self.peft_config[name].inference_mode

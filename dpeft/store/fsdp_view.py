@@ -159,3 +159,35 @@ def load_full_into(param: torch.Tensor, value: torch.Tensor) -> None:
         )
     layout = ShardLayout.of(tuple(param.shape), mesh.get_local_rank(), mesh.size())
     param.to_local().copy_(value[layout.start : layout.start + layout.rows])
+
+
+def refuse_foreign_fsdp(store) -> None:
+    """Raise if something replaced the registered adapter tensors of a store on the local backend.
+
+    accelerate's FSDP2 plugin (or ``fully_shard`` called directly) swaps every parameter where it is registered for
+    a sharded `DTensor` (an unsharded plain tensor inside a forward), without `apply_fsdp` switching the store to its
+    fsdp2 backend; the store would go on reading and saving the tensors it made, which nothing trains any more. One
+    registered tensor tells (a wrapper replaces them all), so this is cheap enough to run on every forward and save.
+    """
+    if store.backend != "local":
+        return
+    for adapter in store.adapters:
+        for entry in store.entries(adapter):
+            for name, spec in entry.specs.items():
+                if entry.owner is None or not spec.attach:
+                    continue
+                *path, leaf = spec.module_path(adapter)
+                module = entry.owner
+                for part in path:
+                    module = module._modules.get(part) if module is not None else None
+                registered = None if module is None else module._parameters.get(leaf)
+                # Inside a wrapped forward FSDP2 registers unsharded plain tensors, so identity is the test.
+                if registered is not None and registered is not entry.params[name]:
+                    raise ValueError(
+                        f"adapter tensor {entry.peft_key(name)} was replaced by a tensor that the adapter store does "
+                        "not know (FSDP2 through accelerate's FSDP2 plugin or fully_shard on a dpeft model): training "
+                        "would not change the adapter and saves would write its initial values. Wrap the model with "
+                        "dpeft.dist.fsdp.apply_fsdp(model) first, then accelerator.prepare(model, optimizer) (it "
+                        "leaves a model that is already wrapped as it is)"
+                    )
+                return

@@ -13,8 +13,43 @@ from collections.abc import Iterator
 from torch import nn
 
 
+def _module_state() -> tuple[dict, tuple[tuple[str, type], ...]]:
+    """The attributes `nn.Module.__init__` gives every module: plain values, and (name, type) of its empty
+    containers, which every instance needs fresh."""
+    state = dict(nn.Module().__dict__)
+    containers = tuple((k, type(v)) for k, v in state.items() if isinstance(v, (dict, set, list)))
+    assert not any(state[k] for k, _ in containers), "a new module has empty containers"
+    return {k: v for k, v in state.items() if not isinstance(v, (dict, set, list))}, containers
+
+
+_PLAIN, _CONTAINERS = _module_state()
+# The containers `nn.Module` reads through `__dict__` (its `__getattr__`/`__setattr__`), so they must be there.
+_EAGER = ("_parameters", "_buffers", "_modules")
+
+
+class _LazyContainer:
+    """A class attribute that gives each instance its own empty container on first access (stored on the
+    instance, which then shadows this non-data descriptor)."""
+
+    def __init__(self, kind: type) -> None:
+        self.kind = kind
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: object, owner: type | None = None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.kind()
+        return value
+
+
 class _Holder(nn.ModuleDict):
-    """Container module that gives adapter parameters PEFT's module paths (``lora_A.default.weight``)."""
+    """Container module that gives adapter parameters PEFT's module paths (``lora_A.default.weight``).
+
+    Holders are never called and rarely hooked, so their hook dicts are made on first use: a loaded model has four
+    holders per adapted layer, and a dozen fresh dicts each were a tenth of a load's time.
+    """
 
     def train(self, mode: bool = True) -> _Holder:
         # Holders hold only holders and parameters: set the flag without nn.Module's per-attribute __setattr__
@@ -29,36 +64,31 @@ class _Holder(nn.ModuleDict):
         return self
 
 
-def _module_state() -> tuple[dict, tuple[tuple[str, type], ...]]:
-    """The attributes `nn.Module.__init__` gives every module: plain values, and (name, type) of its empty
-    containers, which every instance needs fresh."""
-    state = dict(nn.Module().__dict__)
-    containers = tuple((k, type(v)) for k, v in state.items() if isinstance(v, (dict, set, list)))
-    assert not any(v for _, v in state.items() if isinstance(v, (dict, set, list))), (
-        "a new module has empty containers"
-    )
-    return {k: v for k, v in state.items() if not isinstance(v, (dict, set, list))}, containers
+def _make_lazy(cls: type[nn.Module]) -> None:
+    for name, kind in _CONTAINERS:
+        if name not in _EAGER:
+            lazy = _LazyContainer(kind)
+            lazy.__set_name__(cls, name)
+            setattr(cls, name, lazy)
 
 
-_PLAIN, _CONTAINERS = _module_state()
+_make_lazy(_Holder)
+
+
+def _new_holder() -> _Holder:
+    holder = _Holder.__new__(_Holder)
+    holder.__dict__.update(_PLAIN, _parameters={}, _buffers={}, _modules={})
+    return holder
 
 
 def init_module_state(module: nn.Module) -> None:
     """Give `module` the attributes ``nn.Module.__init__`` gives (fresh containers), in place of that call: for
     classes whose own ``__init__`` adds nothing before it. ``nn.Module.__init__`` sets each attribute through
-    ``__setattr__`` and costs several times this; injection builds one holder per path segment of every adapter
-    tensor and one wrapper per adapted layer."""
+    ``__setattr__`` and costs several times this; injection builds one wrapper per adapted layer."""
     attrs = module.__dict__
     attrs.update(_PLAIN)
     for name, kind in _CONTAINERS:
         attrs[name] = kind()
-
-
-def bare_module(cls: type[nn.Module]) -> nn.Module:
-    """An empty `cls` (an `nn.Module` whose ``__init__`` only calls ``nn.Module.__init__``) built without either."""
-    module = cls.__new__(cls)
-    init_module_state(module)
-    return module
 
 
 def attach(owner: nn.Module, path: tuple[str, ...], param: nn.Parameter) -> None:
@@ -67,7 +97,7 @@ def attach(owner: nn.Module, path: tuple[str, ...], param: nn.Parameter) -> None
     for part in path[:-1]:
         child = module._modules.get(part)
         if child is None:
-            child = bare_module(_Holder)
+            child = _new_holder()
             if type(module) is _Holder:  # holds only holders and parameters: no attribute to collide with
                 assert part not in module._parameters, f"{part} is both a parameter and a holder"
                 module._modules[part] = child

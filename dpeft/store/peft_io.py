@@ -26,8 +26,9 @@ def save_adapter_weights(
         return path
     # torch.save would store a view's whole storage: dense copies keep the file to the adapter's own size.
     tensors = {
-        k: v if v.is_contiguous() and v.storage_offset() == 0 and v.untyped_storage().nbytes() == v.nbytes else
-        v.contiguous().clone()
+        k: v
+        if v.is_contiguous() and v.storage_offset() == 0 and v.untyped_storage().nbytes() == v.nbytes
+        else v.contiguous().clone()
         for k, v in state_dict.items()
     }
 

@@ -1,5 +1,5 @@
 """Projections of stored tensors before each read (`ParamSpec.project`), for methods whose PEFT layers rewrite
-their own parameter in place inside forward (constrained OFT keeps each rotation block near the identity).
+their own parameter in place inside forward (e.g. to keep a rotation close to the identity).
 
 PEFT copies the projected value into the parameter under ``torch.no_grad`` and then computes with it, so the
 optimizer steps from the projected value and the gradient is that of the projected value. The store does the same
@@ -19,9 +19,9 @@ def project_reads(store: Any, entry: Any, own: dict[str, torch.Tensor]) -> dict[
     if store._fsdp is not None or store._deepspeed is not None:
         names = [n for n, s in entry.specs.items() if s.project is not None]
         raise ValueError(
-            f"adapter {entry.adapter!r} on {entry.module_name or 'the model'}: tensors {names} are projected in place "
-            "before each use (e.g. OFT with coft=True), which the fsdp2 and deepspeed store backends do not support; "
-            "use the local or sharded backend, or turn the constraint off"
+            f"adapter {entry.adapter!r} on {entry.module_name or 'the model'}: tensors {names} are projected in "
+            "place before each use (a constraint of the method), which the fsdp2 and deepspeed store backends do not "
+            "support; use the local or sharded backend, or turn the constraint off"
         )
     out = dict(own)
     for name, spec in entry.specs.items():

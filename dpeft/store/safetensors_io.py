@@ -15,6 +15,7 @@ mid-write never leaves a half-written file under the real name (the previous fil
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
@@ -75,6 +76,7 @@ def save_safetensors(
     dense = {name: _dense(name, tensor) for name, tensor in tensors.items()}
     order = sorted(dense, key=lambda name: (_RANK[dense[name].dtype], name))
     buffers = [encode_header(dense, order, metadata)]
+    # `dense` holds the tensors behind `buffers` (views of their memory) until every byte is written.
     buffers += [_bytes(dense[name]) for name in order if dense[name].numel()]
     publish_atomically(path, lambda fd: _write_all(fd, buffers))
 
@@ -113,26 +115,32 @@ def _dense(name: str, tensor: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"{name!r}: dtype {tensor.dtype} has no safetensors type; supported: {', '.join(map(str, _DTYPES))}"
         )
-    tensor = tensor.detach()
+    # Each step is skipped when it has nothing to do: this runs once per tensor on every save.
+    if tensor.requires_grad:
+        tensor = tensor.detach()
     if tensor.device.type != "cpu":
         tensor = tensor.cpu()
-    # Conjugate/negative views and strided views have no dense bytes of their own: materialise them.
-    return tensor.resolve_conj().resolve_neg().contiguous()
+    if tensor.is_conj() or tensor.is_neg():  # lazy conjugate/negative views have no dense bytes of their own
+        tensor = tensor.resolve_conj().resolve_neg()
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
 def _bytes(tensor: torch.Tensor) -> memoryview:
-    """The tensor's bytes in the file's (little-endian) order: its own memory, no copy, on little-endian hosts."""
-    flat = tensor.reshape(-1)
+    """The tensor's bytes in the file's (little-endian) order; on little-endian hosts its own memory, no copy.
+
+    The view does not keep `tensor` alive: the caller holds the tensor until the bytes are written. (A ctypes view
+    of the data pointer costs ~3 us; a dtype-changing `Tensor.view` + numpy ~13 us, per tensor on every save.)
+    """
     if sys.byteorder == "big" and tensor.element_size() > 1:  # swap within each scalar (complex: each half)
         width = tensor.element_size() // (2 if tensor.is_complex() else 1)
-        return memoryview(flat.view(_SWAP_VIEW[width]).numpy().byteswap())
-    return memoryview(flat.view(torch.uint8).numpy())
+        return memoryview(tensor.reshape(-1).view(_SWAP_VIEW[width]).numpy().byteswap()).cast("B")
+    return memoryview((ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 def _write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
     """Write every buffer in order, in as few system calls as the platform allows; short writes are resumed."""
     writev = getattr(os, "writev", None)
-    pending = [memoryview(b).cast("B") for b in buffers]
+    pending = [b if isinstance(b, memoryview) else memoryview(b) for b in buffers]
     first = 0
     while first < len(pending):
         batch = pending[first : first + _IOV_MAX]

@@ -34,8 +34,8 @@ class ParamSpec:
             the store holds, saves, loads and shards it, but registers it under no module, so module paths and the
             model's `state_dict` keys stay PEFT's.
         project: Maps the stored value to the value every read sees, which is also written back (as PEFT's layers
-            rewrite a parameter in place inside forward, e.g. constrained OFT); gradients pass through it unchanged
-            (see `dpeft.store.projection`). Supported by the local and sharded backends.
+            rewrite a parameter in place inside forward, e.g. to keep it in a ball); gradients pass through it
+            unchanged (see `dpeft.store.projection`). Supported by the local and sharded backends.
     """
 
     name: str

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dpeft.store.fsdp_view import full_value, load_full_into
+from dpeft.store.fsdp_view import full_value, load_full_into, refuse_foreign_fsdp
 from dpeft.store.holders import attach as _attach
 from dpeft.store.holders import detach_holders  # noqa: F401  (re-exported)
 from dpeft.store.integrity import verify_full_state
@@ -180,9 +180,12 @@ class AdapterStore:
     def gather(self, entry: Entry, name: str, local: torch.Tensor | None = None) -> torch.Tensor:
         """The full (logical) value of tensor `name` of `entry`, detached; or, given `local`, the full tensor of
         which `local` is this rank's part, shaped like that tensor's local parameter (its gradient, or a statistic
-        kept per element). Under the sharded backend this is a collective that every rank must join."""
-        if self._deepspeed is not None and local is None:
-            return self._deepspeed.full_tensor(entry.params[name])
+        kept per element). Under the sharded backend this is a collective that every rank must join; under the
+        deepspeed backend `local` must already have the full shape (`ValueError` otherwise)."""
+        if self._deepspeed is not None:
+            if local is None:
+                return self._deepspeed.full_tensor(entry.params[name])
+            _check_full_shaped(entry, name, local)  # ZeRO's partitions are flat: no row layout for per-rank values
         if not entry.sharded:
             return full_value(entry.params[name] if local is None else local)  # DTensor under fsdp2: gathered
         return self._sharded.full_tensor(entry, name, local)
@@ -337,6 +340,7 @@ class AdapterStore:
     def state_dict(self, adapter: str) -> dict[str, torch.Tensor]:
         """Full tensors of `adapter` under PEFT's saved key names (adapter name stripped)."""
         self._require(adapter)
+        refuse_foreign_fsdp(self)  # tensors a wrapper replaced behind the store's back would save stale values
         state, seen = {}, set()
         for key, (entry, name) in self._by_key[adapter].items():
             tensor = self.gather(entry, name)
@@ -409,6 +413,18 @@ class AdapterStore:
     def _require(self, adapter: str) -> None:
         if adapter not in self._entries:
             raise ValueError(f"adapter {adapter!r} is not loaded; loaded adapters: {self.adapters}")
+
+
+def _check_full_shaped(entry: Entry, name: str, local: torch.Tensor) -> None:
+    """Under DeepSpeed a per-element value must be kept in the logical shape on every rank: ZeRO-3 holds a flat
+    slice of each tensor (the parameter itself is shape [0] outside the forward), which no value can be shaped like."""
+    shape = tuple(entry.specs[name].shape)
+    if tuple(local.shape) != shape:
+        raise ValueError(
+            f"{entry.module_name}.{name}: under the deepspeed backend a per-rank value is gathered only in the "
+            f"tensor's full shape {shape} (ZeRO partitions are flat slices), got shape {tuple(local.shape)}; "
+            "compute it from store.gather(entry, name) instead of the partitioned parameter"
+        )
 
 
 def _preview(keys: list[str], n: int = 5) -> str:

@@ -45,10 +45,15 @@ def target_count(batch: dict[str, torch.Tensor], task: str) -> int:
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Sum (not mean) of the cross-entropy terms of a micro-batch, in float32."""
+    """Sum (not mean) of the cross-entropy terms of a micro-batch, in float32.
+
+    A prompt-learning adapter puts the outputs of its virtual tokens in front of a causal LM's: they are dropped, so
+    the terms are the `target_count` real-token predictions (PEFT's `outputs.loss` also counts the first real token,
+    predicted from the last virtual one).
+    """
     if task == "seq_cls":
         return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-    logits = logits[:, :-1].float()
+    logits = logits[:, logits.shape[1] - labels.shape[1] : -1].float()
     return nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )

@@ -34,7 +34,7 @@ _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclass
 class RunResult:
     """What a run did; `losses[i]` is the global-batch mean loss of step `first_step + i` (plus the adapter
-    method's extra loss term where it has one, e.g. AdaLoRA's orthogonal regulariser, as in PEFT's ``outputs.loss``)."""
+    method's extra loss term where it has one, e.g. AdaLoRA's orthogonal regulariser, as PEFT's ``outputs.loss``)."""
 
     losses: list[float]
     first_step: int

@@ -54,7 +54,6 @@ def build_peft_model(model: nn.Module, cfg: RunConfig, backend: str, info: DistI
     """Wrap `model` with the configured adapter (seeded: identical on every rank) and shard it when asked."""
     from dpeft.api import get_peft_model
     from dpeft.config import get_peft_config
-    from dpeft.model.tuner import tuner_of
 
     if cfg.train.global_batch_size % (info.world_size * cfg.train.grad_accum_steps):
         raise ValueError(
@@ -98,14 +97,15 @@ def _check_model_hooks(peft_model: nn.Module, backend: str, info: DistInfo) -> N
             f"peft_type {peft_type!r} adds model-level training steps (per-step {missing}) that dpeft.train.run "
             "does not run; train it in your own loop (see docs/adding_a_method.md, 'Model-level hooks')"
         )
-    if backend in ("fsdp2", "deepspeed") and info.world_size > 1:
-        # The hooks read gradients and write tensors through the store after the optimizer step; under DeepSpeed
-        # gradients live in ZeRO's partitions (param.grad is None) and the engine zeroes them inside its step, and
-        # under fsdp2 this path is untested: refuse rather than train differently from one process.
+    if backend == "deepspeed" and info.world_size > 1:
+        # The hooks read per-element gradients after the optimizer step and extra losses read the adapter tensors
+        # outside the forward. Under DeepSpeed param.grad is None (gradients go to ZeRO's flat partitions and the
+        # engine zeroes them inside its step) and ZeRO-3 parameters are shape [0] outside the forward: refuse rather
+        # than train differently from one process.
         raise ValueError(
-            f"peft_type {peft_type!r} adds model-level training steps (an extra loss, per-step updates) that "
-            f"dpeft.train.run runs under the local and sharded store backends only, not {backend!r}; set "
-            "store.backend to sharded (or auto)"
+            f"peft_type {peft_type!r} adds model-level training steps (an extra loss, per-step updates that read "
+            "gradients) that dpeft.train.run runs under the local, sharded and fsdp2 store backends, not deepspeed "
+            "(DeepSpeed keeps gradients in ZeRO partitions, not param.grad); set store.backend to sharded or fsdp2"
         )
 
 

@@ -93,7 +93,7 @@ class OFTLayer(WeightFormLayer):
         rows = 1 if config.block_share else self.r
         holder = "oft_embedding_R" if self.kind == "embedding" else "oft_R"
         # COFT: PEFT projects the stored tensor in place before every use (forward and merge); the store does it.
-        project = partial(project_near_identity, eps=config.eps) if config.coft else None
+        project = partial(project_near_identity, block=self.block_size, eps=config.eps) if config.coft else None
         shape = (rows, self.block_size * (self.block_size - 1) // 2)
         self.specs = [ParamSpec("oft_R", shape, (holder, ADAPTER, "weight"), init, project=project)]
 

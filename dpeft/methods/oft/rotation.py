@@ -15,15 +15,27 @@ def skew_from_upper(vec: torch.Tensor, block: int) -> torch.Tensor:
     return upper - upper.transpose(-2, -1)
 
 
-def project_near_identity(vec: torch.Tensor, eps: float) -> torch.Tensor:
-    """Constrained OFT (COFT): each row's skew-symmetric block S scaled into the Frobenius ball of radius
-    eps / sqrt(rows) (R = Cayley(S) stays that close to the identity); rows already inside are kept as they are.
+def project_near_identity(vec: torch.Tensor, block: int, eps: float) -> torch.Tensor:
+    """Constrained OFT (COFT): each row's b x b skew-symmetric block S scaled onto the Frobenius sphere of radius
+    eps / sqrt(rows) when it lies outside it (R = Cayley(S) stays that close to the identity); rows inside are kept.
 
-    ||S||_F = sqrt(2) ||row|| since S holds each entry of the row twice (once negated).
+    The norm, radius and scaling are PEFT's operations in PEFT's order, so a scaled row has PEFT's values. Where
+    float rounding leaves a scaled row a hair outside the sphere (PEFT would scale it again at its next use, moving
+    it by an ulp every time), it is moved inside by an ulp or two: projecting again then changes nothing.
     """
-    radius = eps / vec.shape[0] ** 0.5
-    norm = vec.norm(dim=1, keepdim=True) * 2**0.5
-    return torch.where(norm <= radius, vec, vec * (radius / norm))
+    rows = vec.shape[0]
+    radius = eps / torch.sqrt(torch.tensor(float(rows), device=vec.device, dtype=torch.float32)).to(vec.dtype)
+    norm = torch.norm(skew_from_upper(vec, block), dim=(1, 2))
+    inside = norm <= radius
+    if bool(inside.all()):
+        return vec  # the common case once projected: nothing to do
+    out = torch.where(inside[:, None], vec, radius * (vec / norm[:, None]))
+    for _ in range(8):
+        over = torch.norm(skew_from_upper(out, block), dim=(1, 2)) > radius
+        if not over.any():
+            break
+        out = torch.where(over[:, None], torch.nextafter(out, torch.zeros_like(out)), out)
+    return out
 
 
 def cayley(skew: torch.Tensor, neumann: bool, terms: int) -> torch.Tensor:
