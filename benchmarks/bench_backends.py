@@ -2,10 +2,14 @@
 
     python benchmarks/bench_backends.py                       # both sizes; markdown table, --json results
     python benchmarks/bench_backends.py --sizes h512-l4 --steps 4 --warmup 1   # quicker
+    python benchmarks/bench_backends.py --sizes h1024-l8 \
+        --setups dpeft-sharded peft-ddp dpeft-zero2 peft-zero2 dpeft-zero3 peft-zero3   # the ZeRO rows
 
 Setups (each a function registered in `SETUPS`; more engines add theirs with `@setup("name", engine="...")`):
 dpeft local (plain parameters, gradients all-reduced like DDP), dpeft sharded, dpeft fsdp2 (`apply_fsdp`), HF PEFT
-+ DDP and HF PEFT + FSDP2 (`fully_shard` per decoder layer, then the root, as PEFT's docs do it). Same tiny Llamas
++ DDP and HF PEFT + FSDP2 (`fully_shard` per decoder layer, then the root, as PEFT's docs do it), and DeepSpeed
+ZeRO-2 and ZeRO-3 for both libraries (dpeft through `apply_deepspeed`, PEFT through a plain `deepspeed.initialize`
+over its trainable tensors; DeepSpeed's default config otherwise). Same tiny Llamas
 (hidden 512 / 4 layers and hidden 1024 / 8 layers, LoRA r=16 on all linear layers, AdamW), same global batch, each
 rank taking half.
 

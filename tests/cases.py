@@ -459,8 +459,9 @@ CASES += [
 
 
 # Prompt learning: virtual tokens in the inputs, no layer adapted. PEFT cannot merge prompts (nor route them per
-# row), so these rows skip the merge and mixed-batch checks. On causal LMs the outputs carry the virtual positions
-# in front (as in PEFT); the common checks compare the real positions with the base's (`models.real_positions`).
+# row), so these rows skip the merge and mixed-batch checks. Causal LMs (and decoders given a prompt half) output
+# the virtual positions too, in front (as in PEFT); the common checks compare the real positions with the base's
+# (`models.real_positions`).
 PROMPT = {"mergeable": False, "mixed_batch": False, "tags": ("prompt-learning",)}
 
 
@@ -499,6 +500,20 @@ CASES += [
         **PROMPT,
     ),
     Case("p-tuning-bert-seqcls", "bert", p_tuning(task_type="SEQ_CLS"), **PROMPT),
+    # Encoder-decoder (SEQ_2_SEQ_LM): prompts in front of the encoder's inputs, prefixes in the decoder's cache.
+    Case("prompt-tuning-t5", "t5", prompt_tuning(task_type="SEQ_2_SEQ_LM"), **PROMPT),
+    Case("prefix-tuning-t5", "t5", prefix_tuning(task_type="SEQ_2_SEQ_LM"), **PROMPT),
+    Case("p-tuning-t5", "t5", p_tuning(task_type="SEQ_2_SEQ_LM"), **PROMPT),
+    # Multitask prompts have a decoder half, in front of the decoder's inputs (outputs carry its positions). PEFT
+    # 0.21.2 crashes on decoder_input_ids here (it embeds the decoder inputs only when it makes them from labels);
+    # tests/test_method_prompt.py checks this method on T5 against PEFT with labels instead.
+    Case(
+        "multitask-prompt-tuning-t5",
+        "t5_tasks",
+        multitask_prompt_tuning(task_type="SEQ_2_SEQ_LM"),
+        peft_interop=False,
+        **PROMPT,
+    ),
     # One task index per row (tests/models.py `llama_tasks`): each row gets its task's prompt.
     Case("multitask-prompt-tuning-llama", "llama_tasks", multitask_prompt_tuning(task_type="CAUSAL_LM"), **PROMPT),
     Case(

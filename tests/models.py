@@ -186,6 +186,21 @@ MODELS = {
         tiny_llama,
         lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g), "task_ids": torch.tensor([1, 0])},
     ),
+    "t5": (
+        tiny_t5,
+        lambda g: {
+            "input_ids": torch.randint(0, 64, (2, 8), generator=g),
+            "decoder_input_ids": torch.randint(0, 64, (2, 5), generator=g),
+        },
+    ),
+    "t5_tasks": (
+        tiny_t5,
+        lambda g: {
+            "input_ids": torch.randint(0, 64, (2, 8), generator=g),
+            "decoder_input_ids": torch.randint(0, 64, (2, 5), generator=g),
+            "task_ids": torch.tensor([1, 0]),
+        },
+    ),
     "bert_tasks": (
         tiny_bert_classifier,
         lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g), "task_ids": torch.tensor([0, 1])},

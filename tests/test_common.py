@@ -20,6 +20,7 @@ from dpeft.model import AdaptedLayer, ModulesToSaveWrapper
 
 ALL = [pytest.param(c, id=c.id) for c in CASES]
 MERGEABLE = [pytest.param(c, id=c.id) for c in CASES if c.mergeable]
+NOT_MERGEABLE = [pytest.param(c, id=c.id) for c in CASES if not c.mergeable]
 
 
 def _wrappers(model: torch.nn.Module) -> list[str]:
@@ -93,6 +94,17 @@ def test_merge_equals_unmerged(case):
     assert not _wrappers(merged), "merge_and_unload must leave no adapter wrappers"
     assert not any(".base_layer." in n for n, _ in merged.named_parameters())
     assert_close(out(merged, kw), expected, msg="merge_and_unload:")
+
+
+@pytest.mark.parametrize("case", NOT_MERGEABLE)
+def test_merge_is_refused_and_changes_nothing(case):
+    """Where PEFT has no merged form (prompts, per-row task routing), every merge is a clear error, all or nothing."""
+    model, kw, _ = make_case(case)
+    expected = out(model, kw)
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(ValueError, match="cannot be merged"):
+            merge()
+    assert_close(out(model, kw), expected, atol=0, msg="after a refused merge:")
 
 
 @pytest.mark.parametrize("case", ALL)

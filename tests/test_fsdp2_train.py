@@ -115,3 +115,68 @@ def test_checkpoints_resume_across_backends(runs, name):
     assert first_step == HALF and backend == name.rsplit("_", 1)[-1]
     assert _close(losses, one["lora"].losses[HALF:]) <= LOSS_ATOL
     assert _close(two[0]["sharded"][0], one["lora"].losses) <= LOSS_ATOL
+
+
+# Methods whose tensors FSDP2 does not find in one block: VB-LoRA's trainable vector bank (shared by every layer, owned
+# by the root group) and prompt tuning's encoder (on the PeftModel, the root), trained by AdamW.
+METHOD_PEFT = {
+    "vblora": {
+        "peft_type": "VBLORA",
+        "target_modules": ["q_proj", "v_proj", "down_proj"],
+        "vector_length": 8,
+        "num_vectors": 16,
+        "init_vector_bank_bound": 0.5,
+    },
+    "prompt_tuning": {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 4, "task_type": "CAUSAL_LM"},
+}
+
+
+def _method_config(root: str, name: str) -> str:
+    """tiny_llama.yaml with the adapter of METHOD_PEFT[name] (overrides merge into `peft`, so a new file)."""
+    import yaml
+
+    with open(TINY) as f:
+        cfg = yaml.safe_load(f)
+    cfg["peft"] = METHOD_PEFT[name]
+    path = os.path.join(root, f"{name}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def _method_w2(root: str) -> dict[str, tuple[list[float], str]]:
+    out = {}
+    for name in METHOD_PEFT:
+        # A DCP checkpoint at HALF too: the root-owned DTensors and their AdamW state go through the same save.
+        extra = f"checkpoint.every={HALF}"
+        result = run(_method_config(root, name), _overrides(os.path.join(root, "fsdp2", name), "fsdp2", False, extra))
+        out[name] = (result.losses, result.backend)
+    return out
+
+
+@pytest.fixture(scope="module")
+def method_runs(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("fsdp2_methods_train"))
+    threads = torch.get_num_threads()
+    try:
+        one = {
+            name: run(_method_config(root, name), _overrides(os.path.join(root, "w1", name), "local", False))
+            for name in METHOD_PEFT
+        }
+    finally:
+        torch.set_num_threads(threads)
+    two = run_distributed(_method_w2, 2, root, timeout=600)
+    return root, one, two
+
+
+@pytest.mark.parametrize("name", list(METHOD_PEFT))
+def test_fsdp2_run_matches_one_process_for_root_owned_tensors(method_runs, name):
+    root, one, two = method_runs
+    for losses, backend in (rank[name] for rank in two):
+        assert backend == "fsdp2" and _close(losses, one[name].losses) <= LOSS_ATOL
+    assert one[name].losses[-1] < one[name].losses[0]
+    want, got = _adapter(os.path.join(root, "w1", name)), _adapter(os.path.join(root, "fsdp2", name))
+    assert sorted(got) == sorted(want)
+    assert os.path.isdir(os.path.join(root, "fsdp2", name, "checkpoints", f"step-{HALF:08d}"))
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=ADAPTER_ATOL, rtol=0, msg=lambda m, k=key: f"{k}: {m}")

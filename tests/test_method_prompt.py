@@ -1,11 +1,12 @@
 """Prompt learning (prompt tuning, P-tuning, prefix tuning) against HF PEFT, the test-only oracle.
 
-The case table (tests/cases.py) runs the common checks on tiny llama (CAUSAL_LM) and BERT (SEQ_CLS) rows of each
-method; this file adds more models and task classes and what the table does not check: checkpoints both ways
-with equal outputs (float32, 1e-5) on tiny llama (CAUSAL_LM), T5 and BART (SEQ_2_SEQ_LM), BERT (SEQ_CLS, TOKEN_CLS,
-QUESTION_ANS, FEATURE_EXTRACTION), `generate` giving PEFT's tokens, configs both ways, same seed -> PEFT's tensors,
-disable / unload give the base model, two adapters, refused merges, and the errors. Training parity with PEFT is in
-tests/test_methods_interop.py (PARITY); local vs sharded training here (slow).
+The case table (tests/cases.py) runs the common checks on tiny llama (CAUSAL_LM), T5 (SEQ_2_SEQ_LM) and BERT
+(SEQ_CLS) rows of each method; this file adds more models and task classes and what the table does not check:
+checkpoints both ways with equal outputs (float32, 1e-5) on tiny llama (CAUSAL_LM), T5 and BART (SEQ_2_SEQ_LM),
+BERT (SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION), `generate` giving PEFT's tokens, configs both ways,
+same seed -> PEFT's tensors, disable / unload give the base model, two adapters, refused merges, PEFT's module
+layout, the training loop's loss, and the errors. Training parity with PEFT is in tests/test_methods_interop.py
+(PARITY); local vs sharded training here (slow).
 """
 
 from __future__ import annotations

@@ -24,9 +24,12 @@ import pytest
 import torch
 from conftest import peft_config_of
 from dist_utils import run_distributed
+from models import build
 from safetensors.torch import load_file
 
 import dpeft
+from dpeft.checkpoint.dcp import load_checkpoint, save_checkpoint
+from dpeft.checkpoint.export import export_checkpoint
 from dpeft.config.run_config import load_run_config
 from dpeft.train import run
 from dpeft.train.data import GlobalOrder, collate, load_splits
@@ -130,8 +133,6 @@ def test_loop_equals_a_hand_written_peft_loop(full):
 
 
 def test_resume_mid_schedule_equals_the_uninterrupted_run(full, tmp_path):
-    from dpeft.checkpoint.export import export_checkpoint
-
     # The last checkpoint exports (rank pattern from the checkpoint, pruned triplets dropped) to the final adapter.
     export_checkpoint(full.checkpoints[-1], str(tmp_path / "exported"))
     exported, final = _saved(str(tmp_path / "exported")), _saved(full.adapter_dir)
@@ -139,7 +140,8 @@ def test_resume_mid_schedule_equals_the_uninterrupted_run(full, tmp_path):
     _assert_adapters_close(exported[1], final[1], 0.0)
 
     mid = full.checkpoints[0]
-    manifest = json.load(open(os.path.join(mid, "dpeft.json")))
+    with open(os.path.join(mid, "dpeft.json")) as f:
+        manifest = json.load(f)
     assert manifest["extra"]["step"] == MID and manifest["adapters"]["default"]["rank_pattern"]  # already masking
     assert any(k.endswith("/exp_avg_ipt") for k in manifest["hooks"])
     resumed = run(TINY, _overrides(str(tmp_path / "resumed"), f"checkpoint.resume={mid}"))
@@ -165,8 +167,6 @@ def test_resume_mid_schedule_equals_the_uninterrupted_run(full, tmp_path):
 def _trained_model(steps: int):
     """A dpeft AdaLoRA model after `steps` steps of PEFT's documented loop, and its optimizer."""
     torch.manual_seed(0)
-    from models import build
-
     config = dpeft.AdaLoraConfig(
         target_modules=["q_proj", "v_proj"], init_r=4, target_r=2, tinit=1, tfinal=2, total_step=8
     )
@@ -182,8 +182,6 @@ def _trained_model(steps: int):
 
 
 def test_checkpoint_restores_the_allocator_state_and_rank_pattern(tmp_path):
-    from dpeft.checkpoint.dcp import load_checkpoint, save_checkpoint
-
     trained, optimizer = _trained_model(4)
     path = save_checkpoint(str(tmp_path), 4, trained, optimizer, {"step": 4})
     fresh, fresh_opt = _trained_model(0)
@@ -199,14 +197,14 @@ def test_checkpoint_restores_the_allocator_state_and_rank_pattern(tmp_path):
 
 
 def test_checkpoint_without_matching_training_state_is_refused(tmp_path):
-    from dpeft.checkpoint.dcp import load_checkpoint, save_checkpoint
-
     trained, optimizer = _trained_model(2)
     path = save_checkpoint(str(tmp_path), 2, trained, optimizer, {"step": 2})
     manifest_file = os.path.join(path, "dpeft.json")
-    manifest = json.load(open(manifest_file))
+    with open(manifest_file) as f:
+        manifest = json.load(f)
     manifest["hooks"] = {k: v for k, v in manifest["hooks"].items() if "q_proj" not in k}
-    json.dump(manifest, open(manifest_file, "w"))
+    with open(manifest_file, "w") as f:
+        json.dump(manifest, f)
     fresh, fresh_opt = _trained_model(0)
     before = {k: v.clone() for k, v in fresh.store.state_dict("default").items()}
     with pytest.raises(ValueError, match="other training state than the model keeps"):
@@ -215,7 +213,7 @@ def test_checkpoint_without_matching_training_state_is_refused(tmp_path):
     assert fresh.peft_config["default"].rank_pattern is None
 
 
-def test_total_step_comes_from_the_run_unless_set(tmp_path):
+def test_total_step_comes_from_the_run_and_deepspeed_is_refused(tmp_path):
     from dpeft.dist import DistInfo
     from dpeft.train.setup import _with_run_defaults, build_peft_model
 
@@ -288,8 +286,6 @@ def test_grad_accumulation_adds_the_regulariser_once_per_step(full, tmp_path):
 
 def test_inference_mode_model_loads_a_training_checkpoint(full):
     """An adapter that keeps no allocator (inference mode) loads the tensors and ignores the saved averages."""
-    from dpeft.checkpoint.dcp import load_checkpoint
-
     cfg = load_run_config(TINY, _overrides("unused"))
     base, _ = build_model(cfg.model, cfg.data.max_length, cfg.train.seed)
     peft = {**cfg.peft, "task_type": "CAUSAL_LM", "total_step": STEPS, "inference_mode": True}

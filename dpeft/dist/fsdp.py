@@ -2,9 +2,10 @@
 
 Each transformer block is one `fully_shard` group (its base weights and the adapter tensors of its layers are
 all-gathered in one collective before the block's forward and reduce-scattered after its backward), then the root
-module takes the rest (embeddings, final norm, head, and adapters on them). Adapter tensors become `DTensor`s on
-the same mesh as the base weights; the store switches to its `fsdp2` backend, which reads them where FSDP2
-registers them (see `dpeft.store.fsdp_view`). `unwrap_fsdp` undoes the wrapping with full values on every rank,
+module (the `PeftModel`) takes the rest (embeddings, final norm, head, adapters on them, prompt encoders, and
+model-level tensors that several blocks share; see `dpeft.store.fsdp_view.plan_ownership`). Adapter tensors become
+`DTensor`s on the same mesh as the base weights; the store switches to its `fsdp2` backend, which reads them where
+FSDP2 registers them (see `dpeft.store.fsdp_view`). `unwrap_fsdp` undoes the wrapping with full values on every rank,
 which is how `merge_and_unload` merges under FSDP2.
 
 Works on CPU (gloo) and CUDA (nccl); the device mesh is 1-D over the data-parallel ranks.
@@ -74,7 +75,8 @@ def apply_fsdp(
     """Shard `model` (a dpeft `PeftModel`) with FSDP2 in place: each transformer block, then the root.
 
     Args:
-        model: The `PeftModel` (or its `base_model`); its store must still be on the ``local`` backend.
+        model: The `PeftModel` (or, without prompt learning, its `base_model`), which becomes the root of the
+            wrapping; its store must still be on the ``local`` backend.
         mesh: A 1-D `DeviceMesh` over the data-parallel ranks (default: `default_mesh()`).
         mp_policy: A `torch.distributed.fsdp.MixedPrecisionPolicy` (see `mixed_precision`), or None.
         offload_policy: A `torch.distributed.fsdp.CPUOffloadPolicy` (CUDA runs; parameters, gradients and optimizer
@@ -85,7 +87,12 @@ def apply_fsdp(
 
     Returns:
         `model`, wrapped; ``model.store.backend`` is ``"fsdp2"`` and the optimizer must be built after this call,
-        on ``model.store.optimizer_parameters()`` (the sharded `DTensor` parameters).
+        on ``model.store.optimizer_parameters()`` (the sharded `DTensor` parameters). accelerate's
+        ``Accelerator.prepare(model, optimizer)`` may follow: it leaves an FSDP2 module's wrapping as it is.
+
+    Raises:
+        ValueError: for a store not on the local backend, a mesh that is not 1-D, or an adapter tensor no FSDP2
+            group could own (`plan_ownership`); raised before anything is wrapped.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 

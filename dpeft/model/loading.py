@@ -8,10 +8,12 @@ import re
 import torch
 from torch import nn
 
+from dpeft.store.holders import walk_parameters
+
 
 def trainability(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
     """Each parameter of `model` with its `requires_grad`, for `restore` after a failed load."""
-    return [(p, p.requires_grad) for p in model.parameters()]
+    return [(p, p.requires_grad) for p in walk_parameters(model)]  # parameters(), without its named walk
 
 
 def restore(trainability: list[tuple[nn.Parameter, bool]]) -> None:

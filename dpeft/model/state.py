@@ -14,6 +14,7 @@ from dpeft.model.prompt import prompt_saved_state, prompt_state_to_store
 from dpeft.model.tuner import tuner_of
 from dpeft.store import PEFT_PREFIX, SHARED_PREFIX
 from dpeft.store.fsdp_view import full_value
+from dpeft.store.holders import walk_modules
 
 # transformers' input and output embedding names; PEFT saves their base weights when one is targeted.
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -62,7 +63,7 @@ def _embedding_keys(tuner, adapted_only: bool) -> dict[str, nn.Parameter]:
         layers.append(model.get_output_embeddings())
     ids = {id(layer) for layer in layers if layer is not None}
     out = {}
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model):  # named_modules() less the adapter holders
         if id(module) not in ids:
             continue
         if isinstance(module, AdaptedLayer):

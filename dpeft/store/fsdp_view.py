@@ -7,8 +7,10 @@ for the unsharded one around each forward and backward. This view is what the st
 - each entry's `params` are the sharded `DTensor` parameters (what the optimizer, `sharded_state_dict` and DCP see);
 - `get` reads the parameters registered on the modules *now*, so inside a wrapped module's forward a method gets
   the unsharded tensors that FSDP2's pre-forward hook put there (and its gradients flow back through FSDP2's
-  reduce-scatter into the shards' ``.grad``);
-- full values (`state_dict`, merge) come from ``DTensor.full_tensor()``, a collective every rank joins.
+  reduce-scatter into the shards' ``.grad``); outside that forward it all-gathers the shards, differentiably;
+- full values (`state_dict`, merge) come from ``DTensor.full_tensor()``, a collective every rank joins;
+- `plan_ownership` decides, before wrapping, which group owns a tensor shared by several blocks (the root);
+  `refuse_foreign_fsdp` refuses a model that FSDP2 wrapped without `apply_fsdp` (accelerate's own wrapping).
 """
 
 from __future__ import annotations
@@ -63,8 +65,8 @@ def plan_ownership(
             elif not places:
                 raise ValueError(
                     f"adapter tensor {entry.peft_key(name)} is trainable but registered nowhere under the module "
-                    "given to apply_fsdp, so FSDP2 could not average its gradients; pass the PeftModel itself "
-                    "(not its base_model)"
+                    "given to apply_fsdp, so FSDP2 could not reduce its gradients over ranks; pass the PeftModel "
+                    "itself (not its base_model)"
                 )
             elif len(owners) > 1 and -1 not in owners:
                 raise ValueError(
@@ -123,7 +125,10 @@ class FsdpView:
         out = {}
         for name, module, leaf in slots:
             tensor = entry.params[name] if module is None else module._parameters[leaf]
-            out[name] = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            # A plain Parameter is the common case (inside the forward): no attribute lookup for it.
+            if type(tensor) is not nn.Parameter and hasattr(tensor, "full_tensor"):
+                tensor = tensor.full_tensor()
+            out[name] = tensor
         return out
 
     def repoint(self, entries: list) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from torch import nn
+from torch.nn.modules import module as _module_mod
 
 
 def _module_state() -> tuple[dict, tuple[tuple[str, type], ...]]:
@@ -102,13 +103,23 @@ def attach(owner: nn.Module, path: tuple[str, ...], param: nn.Parameter) -> None
                 assert part not in module._parameters, f"{part} is both a parameter and a holder"
                 module._modules[part] = child
             else:
-                module.add_module(part, child)
+                _add_child(module, part, child)
         module = child
     if type(module) is _Holder:
         assert path[-1] not in module._modules, f"{path[-1]} is both a holder and a parameter"
         module._parameters[path[-1]] = param
     else:
         module.register_parameter(path[-1], param)
+
+
+def _add_child(module: nn.Module, name: str, child: nn.Module) -> None:
+    """`module.add_module(name, child)` for a name not in use, without its `hasattr` probe (a failing attribute
+    lookup through `nn.Module.__getattr__`, which costs more than the rest of building a holder)."""
+    taken = name in module.__dict__ or name in module._parameters or name in module._buffers
+    if taken or _module_mod._global_module_registration_hooks or hasattr(type(module), name):
+        module.add_module(name, child)  # nn.Module's own checks (a name in use is an error) and hooks
+    else:
+        module._modules[name] = child
 
 
 def detach_holders(owner: nn.Module, adapter: str) -> None:
