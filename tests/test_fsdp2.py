@@ -3,6 +3,7 @@
 Every rank builds the same model twice: a local reference that sees the whole batch and an FSDP2-wrapped copy
 that sees its 1/W rows. Tolerances come from float32 summation order only (the loss of the halves averaged vs the
 whole batch's, and FSDP2's reduce-scatter averaging): 1e-5 on losses/logits of order 1-5, 1e-6 on gradients.
+Every other method: tests/test_fsdp2_methods.py. accelerate's FSDP2 plugin: `test_accelerate_fsdp2_plugin`.
 """
 
 from __future__ import annotations

@@ -393,18 +393,24 @@ def test_peft_module_layout_and_an_emptied_wrapper_switches_kind():
             assert_close(model(input_ids=IDS).logits, reference, atol=0)
 
 
-def test_training_loop_loss_drops_the_virtual_positions():
-    """`dpeft.train.run` and `dpeft.eval` compute the loss from logits: a causal LM's virtual-token outputs (in front)
-    have no label and are dropped, leaving the plain model's terms (next real token from each real position)."""
-    from dpeft.train.loop import loss_sum, target_count
+def test_training_loop_loss_is_peft_loss_with_virtual_positions():
+    """`dpeft.train.run` and `dpeft.eval` compute the loss from logits: with a causal LM's virtual-token outputs in
+    front, the terms are HF PEFT's `outputs.loss` terms (the last virtual position predicts the first real token)."""
+    from dpeft.train.loop import has_virtual_positions, loss_sum, target_count
 
     model = _llama_prompt(pt("CAUSAL_LM"))
     with torch.no_grad():
-        logits = model(input_ids=IDS).logits
-    assert logits.shape[1] == IDS.shape[1] + 3
-    want = torch.nn.functional.cross_entropy(logits[:, 3:-1].reshape(-1, 64), IDS[:, 1:].reshape(-1), reduction="sum")
-    assert_close(loss_sum(logits, IDS, "causal_lm"), want, atol=1e-4)
+        out = model(input_ids=IDS, labels=IDS)
+    logits = out.logits
+    assert logits.shape[1] == IDS.shape[1] + 3 and has_virtual_positions(logits, IDS, "causal_lm")
+    count = target_count({"labels": IDS}, "causal_lm", virtual=True)
+    assert count == IDS.numel()
+    assert_close(loss_sum(logits, IDS, "causal_lm") / count, out.loss, atol=1e-5)
+    # Without virtual positions: the plain shifted terms.
+    assert not has_virtual_positions(logits[:, 3:], IDS, "causal_lm")
     assert target_count({"labels": IDS}, "causal_lm") == IDS[:, 1:].numel()
+    want = torch.nn.functional.cross_entropy(logits[:, 3:-1].reshape(-1, 64), IDS[:, 1:].reshape(-1), reduction="sum")
+    assert_close(loss_sum(logits[:, 3:], IDS, "causal_lm"), want, atol=1e-4)
 
 
 def test_config_errors():

@@ -215,3 +215,13 @@ def test_one_process_save_checks_the_live_tensors_themselves():
         verify_full_state("x", {"good": good, "bad": bad, "huge": huge}, live)
     assert "good" not in str(err.value) and "huge" not in str(err.value)
     verify_full_state("x", {"good": good, "huge": huge}, {"good": ((4, 3), good), "huge": ((3,), huge)})
+
+
+def test_config_write_is_atomic(tmp_path):
+    """adapter_config.json is never left half-written: a value JSON cannot hold fails before the old file changes."""
+    config = dpeft.LoraConfig(r=4, target_modules=["lin0"])
+    config.save_pretrained(tmp_path)
+    before = (tmp_path / "adapter_config.json").read_text()
+    with pytest.raises(TypeError):
+        config.save_pretrained(tmp_path, auto_mapping={"bad": object()})
+    assert (tmp_path / "adapter_config.json").read_text() == before and os.listdir(tmp_path) == ["adapter_config.json"]

@@ -103,9 +103,16 @@ class PeftConfig:
         os.makedirs(save_directory, exist_ok=True)
         data = self.to_dict()
         data.update(kwargs)
-        with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+        path = os.path.join(save_directory, CONFIG_NAME)
+        tmp = f"{path}.{os.getpid()}.tmp"  # written whole, then renamed: never a half-written config
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> PeftConfig:

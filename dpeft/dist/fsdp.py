@@ -125,10 +125,8 @@ def apply_fsdp(
     for i, block in enumerate(blocks):
         # The last block's backward comes right after its forward: resharding it would only gather it again.
         last = i == len(blocks) - 1
-        fully_shard(
-            block,
-            **{**kwargs, "reshard_after_forward": reshard_after_forward and not last, "ignored_params": root_owned},
-        )
+        ignored = {"ignored_params": root_owned} if root_owned else {}  # (None: FSDP2's plain path, as before)
+        fully_shard(block, **{**kwargs, "reshard_after_forward": reshard_after_forward and not last, **ignored})
     # The root (embeddings, final norm, head, tensors shared by several blocks) is needed again as soon as backward
     # starts: kept unsharded between forward and backward, as FSDP2 itself does for a root by default.
     fully_shard(root, **{**kwargs, "reshard_after_forward": False})

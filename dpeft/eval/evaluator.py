@@ -187,7 +187,7 @@ class AdapterEvaluator:
 
     @torch.no_grad()
     def _metrics(self) -> dict[str, float]:
-        from dpeft.train.loop import loss_sum, target_count
+        from dpeft.train.loop import has_virtual_positions, loss_sum, target_count
 
         task, model = self.spec.model.task, self.model
         totals = [0.0, 0, 0.0]  # loss sum, loss terms, correct predictions
@@ -200,7 +200,7 @@ class AdapterEvaluator:
             if names:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 totals[0] += float(loss_sum(logits, batch["labels"], task))
-                totals[1] += target_count(batch, task)
+                totals[1] += target_count(batch, task, has_virtual_positions(logits, batch["labels"], task))
                 if task == "seq_cls":
                     totals[2] += float((logits.argmax(-1) == batch["labels"]).sum())
             for fn in (m for m in self.spec.metrics if callable(m)):

@@ -161,7 +161,7 @@ class AdapterModel(nn.Module):
                 # The layer decides its weight layout; the saved config records it as PEFT's does.
                 config.fan_in_fan_out = handler.fan_in_fan_out
             if layer is not module:
-                setattr(parent, name.rpartition(".")[2], layer)
+                _replace_child(parent, name.rpartition(".")[2], layer)
             dtype = _adapter_dtype(layer.handler.dtype, self.autocast_adapter_dtype)
             entry = self.store.declare(
                 layer, name, adapter_name, method_layer.specs, device=layer.handler.device, dtype=dtype, init=init
@@ -257,7 +257,7 @@ class AdapterModel(nn.Module):
         if missing:
             raise ValueError(f"adapter(s) {missing} not found; loaded adapters: {list(self.peft_config)}")
         for _, module in self._wrappers():
-            module.active_adapters = list(names)
+            module.__dict__["active_adapters"] = list(names)  # a plain attribute: no nn.Module.__setattr__ checks
         self.active_adapter = adapter_name
         for name, config in self.peft_config.items():
             self.store.set_requires_grad(name, name in names and not config.inference_mode)
@@ -384,6 +384,16 @@ def tuner_of(model: nn.Module) -> AdapterModel:
     if not isinstance(tuner, AdapterModel):
         raise TypeError(f"{type(model).__name__} has no dpeft adapters; build it with dpeft.get_peft_model first")
     return tuner
+
+
+def _replace_child(parent: nn.Module, name: str, module: nn.Module) -> None:
+    """``setattr(parent, name, module)`` for a registered child `name`: straight into ``_modules`` where that is
+    all `nn.Module.__setattr__` would do (its checks cost as much as building the wrapper)."""
+    plain = type(parent).__setattr__ is nn.Module.__setattr__ and name in parent._modules
+    if plain and not nn.modules.module._global_module_registration_hooks:
+        parent._modules[name] = module
+    else:
+        setattr(parent, name, module)
 
 
 def _replace_base_layer(layer: AdaptedLayer, base_layer: nn.Module) -> None:

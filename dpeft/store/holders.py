@@ -8,8 +8,6 @@ and walked without generators; the helpers here are what injection, loading and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from torch import nn
 from torch.nn.modules import module as _module_mod
 
@@ -135,44 +133,44 @@ def detach_holders(owner: nn.Module, adapter: str) -> None:
                 del owner._modules[name]
 
 
-def walk_modules(root: nn.Module, stop: tuple[type, ...] = ()) -> Iterator[tuple[str, nn.Module]]:
-    """``root.named_modules()`` in the same order, less the store's holders below `root` and what lies inside a
-    module of a `stop` type (which is itself yielded).
+def walk_modules(root: nn.Module, stop: tuple[type, ...] = ()) -> list[tuple[str, nn.Module]]:
+    """``list(root.named_modules())`` in the same order, less the store's holders below `root` and what lies inside
+    a module of a `stop` type (which is itself listed).
 
     Finding wrappers, targets or embeddings never needs the holders (a quarter of a loaded model's modules are
-    holders), and a stack walk costs a third of `named_modules`' nested generators. Each module is visited once,
-    under the first name it is reached by, as in `named_modules`.
+    holders), and a stack walk costs a third of `named_modules`' nested generators; a load walks the model several
+    times. Each module is listed once, under the first name it is reached by, as in `named_modules`.
     """
     seen: set[int] = set()
+    found: list[tuple[str, nn.Module]] = []
     stack: list[tuple[str, nn.Module]] = [("", root)]
     while stack:
         name, module = stack.pop()
         if id(module) in seen:
             continue
         seen.add(id(module))
-        yield name, module
+        found.append((name, module))
         children = module._modules
-        if children and not (stop and isinstance(module, stop) and module is not root):
+        if children and not (stop and module is not root and isinstance(module, stop)):
             prefix = f"{name}." if name else ""
-            stack.extend(
-                (prefix + key, child)
-                for key, child in reversed(children.items())
-                if child is not None and type(child) is not _Holder
-            )
+            for key, child in reversed(children.items()):  # reversed onto the stack: popped in order
+                if child is not None and type(child) is not _Holder:
+                    stack.append((prefix + key, child))
+    return found
 
 
-def walk_parameters(root: nn.Module) -> Iterator[nn.Parameter]:
-    """Every parameter under `root` (holders included), each once, without `parameters()`' named walk."""
-    seen: set[int] = set()
+def walk_parameters(root: nn.Module) -> list[nn.Parameter]:
+    """``list(root.parameters())`` as a set of tensors (holders included; order not kept), without its named walk."""
+    seen_modules: set[int] = set()
+    params: dict[int, nn.Parameter] = {}
     stack = [root]
-    modules: set[int] = set()
     while stack:
         module = stack.pop()
-        if id(module) in modules:
+        if id(module) in seen_modules:
             continue
-        modules.add(id(module))
+        seen_modules.add(id(module))
         for param in module._parameters.values():
-            if param is not None and id(param) not in seen:
-                seen.add(id(param))
-                yield param
-        stack.extend(m for m in module._modules.values() if m is not None)
+            if param is not None:
+                params[id(param)] = param
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return list(params.values())

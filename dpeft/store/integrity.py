@@ -9,7 +9,9 @@ checkpoints), which check each tensor against what the store knows without any m
 - every element is finite;
 - its values agree with the tensor as the ranks hold it: the sum of squares of the saved full tensor equals the
   sum over ranks of the squares of their parts (shards or `DTensor` local shards). A tensor the ranks hold as
-  nonzero (trained, or initialised nonzero) that comes out all zero, or different, is a broken gather.
+  nonzero (trained, or initialised nonzero) that comes out all zero, or different, is a broken gather. A saved
+  tensor that *is* the held tensor (one process, no gather) cannot disagree with it, so a one-process save pays only
+  the finiteness pass (`nonfinite_counts`: one float32 multi-tensor norm, exact float64 counting only on failure).
 
 A violation raises `AdapterIntegrityError` naming the tensor. The checks run identically on every rank (the
 statistics of distributed tensors are all-reduced), so all ranks raise together and no collective is left waiting.

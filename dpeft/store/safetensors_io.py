@@ -167,7 +167,8 @@ def publish_atomically(path: str | os.PathLike, write: Callable[[int], object]) 
     # Unique per writer, so concurrent saves into one directory never share a temporary file; mode 0o666 lets the
     # umask decide the published file's permissions, as for any file the user creates.
     tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp, flags, 0o666)  # O_BINARY: no newline translation on Windows
     try:
         try:
             write(fd)

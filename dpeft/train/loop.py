@@ -37,25 +37,39 @@ def lr_at(step: int, total: int, cfg: OptimSection) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def target_count(batch: dict[str, torch.Tensor], task: str) -> int:
-    """How many terms the global-batch mean loss averages: rows (seq_cls) or predicted tokens (causal_lm)."""
+def target_count(batch: dict[str, torch.Tensor], task: str, virtual: bool = False) -> int:
+    """How many terms the global-batch mean loss averages: rows (seq_cls) or predicted tokens (causal_lm).
+
+    `virtual`: the model puts virtual-token outputs in front of a causal LM's (see `has_virtual_positions`); then
+    the first real token is predicted too, from the last virtual position.
+    """
     if task == "seq_cls":
         return batch["labels"].shape[0]
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    labels = batch["labels"] if virtual else batch["labels"][:, 1:]
+    return int((labels != IGNORE_INDEX).sum())
+
+
+def has_virtual_positions(logits: torch.Tensor, labels: torch.Tensor, task: str) -> bool:
+    """Whether a prompt-learning adapter put virtual-token outputs in front of a causal LM's outputs."""
+    return task != "seq_cls" and logits.shape[1] > labels.shape[1]
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy terms of a micro-batch, in float32.
 
-    A prompt-learning adapter puts the outputs of its virtual tokens in front of a causal LM's: they are dropped, so
-    the terms are the `target_count` real-token predictions (PEFT's `outputs.loss` also counts the first real token,
-    predicted from the last virtual one).
+    With virtual-token outputs in front (prompt learning on a causal LM) the terms are HF PEFT's `outputs.loss`
+    terms: the last virtual position predicts the first real token, each real position the next one.
     """
     if task == "seq_cls":
         return nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
-    logits = logits[:, logits.shape[1] - labels.shape[1] : -1].float()
+    virtual = logits.shape[1] - labels.shape[1]
+    if virtual > 0:
+        logits, targets = logits[:, virtual - 1 : -1], labels
+    else:
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    logits = logits.float()
     return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
     )
 
 
@@ -116,7 +130,7 @@ def evaluate(
         with autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         totals[0] += weight * float(loss_sum(logits, batch["labels"], task))
-        totals[1] += weight * target_count(batch, task)
+        totals[1] += weight * target_count(batch, task, has_virtual_positions(logits, batch["labels"], task))
         if task == "seq_cls":
             totals[2] += weight * float((logits.argmax(-1) == batch["labels"]).sum())
     if world > 1:

@@ -23,7 +23,15 @@ from dpeft.dist import DistInfo, all_reduce_mean, barrier, init_distributed
 from dpeft.model.model_hooks import after_optimizer_step, extra_loss
 from dpeft.model.tuner import tuner_of
 from dpeft.train.data import GlobalOrder, collate, load_splits
-from dpeft.train.loop import build_optimizer, clip_grad_norm, evaluate, loss_sum, lr_at, target_count
+from dpeft.train.loop import (
+    build_optimizer,
+    clip_grad_norm,
+    evaluate,
+    has_virtual_positions,
+    loss_sum,
+    lr_at,
+    target_count,
+)
 from dpeft.train.models import build_model
 from dpeft.train.scaler import LossScaler
 from dpeft.train.setup import build_peft_model, resolve_backend, validate, wrap_deepspeed
@@ -170,10 +178,15 @@ class _Trainer:
 
     # ------------------------------------------------------------------ steps
     def _micro_batches(self):
-        """This rank's micro-batches of the next global batch, and the global batch's loss-term count and size."""
+        """This rank's micro-batches of the next global batch, a function of the first micro-batch's logits giving
+        the global batch's loss-term count (it depends on whether the model adds virtual positions), and its size."""
         tcfg = self.cfg.train
         batch = collate([self.splits.train[i] for i in self.order.take(tcfg.global_batch_size)], self.tokenizer.pad_id)
-        count = target_count(batch, self.cfg.model.task)
+        task = self.cfg.model.task
+
+        def count(logits: torch.Tensor) -> int:
+            return target_count(batch, task, has_virtual_positions(logits, batch["labels"], task))
+
         per_rank = tcfg.global_batch_size // self.world
         micro = per_rank // tcfg.grad_accum_steps
         units = tcfg.global_batch_size if self.unit == "samples" else int(batch["attention_mask"].sum())
@@ -185,11 +198,12 @@ class _Trainer:
         """One optimizer step; returns (global-batch mean loss, tokens or samples in the global batch)."""
         if self.engine is not None:
             return self._engine_step(step)
-        parts, count, units = self._micro_batches()
-        local, extra_total = torch.zeros((), dtype=torch.float64), 0.0
+        parts, counter, units = self._micro_batches()
+        local, extra_total, count = torch.zeros((), dtype=torch.float64), 0.0, None
         for part in parts:
             with self.autocast():
                 logits = self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+            count = count or counter(logits)
             terms = loss_sum(logits, part["labels"], self.cfg.model.task)
             loss = terms * (self.world / count)
             # A method's extra loss (AdaLoRA's regulariser), the same on every rank: once per step in the average.
@@ -217,13 +231,14 @@ class _Trainer:
 
     def _engine_step(self, step: int) -> tuple[float, int]:
         """`step` under DeepSpeed: the engine averages gradients, clips and steps at the last micro-batch."""
-        parts, count, units = self._micro_batches()
+        parts, counter, units = self._micro_batches()
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.cfg.train.steps, self.cfg.optim)
-        local = torch.zeros((), dtype=torch.float64)
+        local, count = torch.zeros((), dtype=torch.float64), None
         for part in parts:
             with self.autocast():
                 logits = self.engine(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
+            count = count or counter(logits)
             terms = loss_sum(logits, part["labels"], self.cfg.model.task)
             # Already the global-batch share: DeepSpeed must not divide by the accumulation steps again.
             self.engine.backward(terms * (self.world / count), scale_wrt_gas=False)
