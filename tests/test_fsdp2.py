@@ -77,6 +77,10 @@ def _parity(config_name: str) -> dict:
         grad_diff = max(grad_diff, (grad - ref_p.grad).abs().max().item())
     with torch.no_grad():
         logit_diff = (wrapped(input_ids=mine).logits - local(input_ids=mine).logits).abs().max().item()
+        # `generate` runs the inner model's forward: FSDP2 must still gather the root's embeddings and head.
+        prompt = mine[:1, :4]
+        generated = wrapped.generate(input_ids=prompt, max_new_tokens=3, do_sample=False)
+        same_generation = torch.equal(generated, local.generate(input_ids=prompt, max_new_tokens=3, do_sample=False))
     full = wrapped.store.state_dict("default")
     sd_diff = max((full[k] - v).abs().max().item() for k, v in local.store.state_dict("default").items())
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,6 +105,8 @@ def _parity(config_name: str) -> dict:
         merged_diff=merged_diff,
         weight_diff=weight_diff,
         merged_plain=all(type(p) is torch.nn.Parameter for p in merged.parameters()),
+        same_generation=same_generation and generated.shape[1] > 4,
+        root_methods_restored="generate" not in vars(wrapped),
     )
 
 
@@ -164,10 +170,28 @@ def _mixed_precision() -> dict:
     return {"loss_diff": diff, "dtypes": dtypes}
 
 
+def _prompt_generate() -> bool:
+    """`generate` of a wrapped prompt-tuning model (the root gathers the encoder, embeddings and head) equals one
+    process's."""
+    from dpeft.dist.fsdp import apply_fsdp
+
+    base, _ = build("llama")
+    twin = copy.deepcopy(base)
+    config = lambda: dpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)  # noqa: E731
+    torch.manual_seed(0)
+    local = dpeft.get_peft_model(base, config())
+    torch.manual_seed(0)
+    wrapped = apply_fsdp(dpeft.get_peft_model(twin, config()))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        ours = wrapped.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+        return torch.equal(ours, local.generate(input_ids=ids, max_new_tokens=3, do_sample=False))
+
+
 def _all(names: list[str]) -> dict:
     # One spawn for everything: starting ranks costs more than the checks.
     out = {name: _parity(name) for name in names}
-    return {**out, "integrity": _integrity(), "mixed_precision": _mixed_precision()}
+    return {**out, "integrity": _integrity(), "mixed_precision": _mixed_precision(), "prompt": _prompt_generate()}
 
 
 def test_fsdp2_equals_one_process_and_refuses_corrupt_saves():
@@ -184,7 +208,9 @@ def test_fsdp2_equals_one_process_and_refuses_corrupt_saves():
             assert r["sd_diff"] == 0.0 and r["saved_diff"] == 0.0, (name, rank, r)
             assert r["merged_diff"] < 1e-5 and r["weight_diff"] < 1e-6, (name, rank, r)
             assert r["merged_plain"], (name, rank)
+            assert r["same_generation"] and r["root_methods_restored"], (name, rank, r)
     for r in per_rank:
+        assert r["prompt"], "generate of an FSDP2-wrapped prompt-tuning model differs from one process"
         mp = r["mixed_precision"]
         assert 0 < mp["loss_diff"] < 0.05 and mp["dtypes"] == {"torch.float32"}, mp  # bf16 rounding, not fp32
         found = r["integrity"]

@@ -64,6 +64,11 @@ def mixed_precision(param_dtype: str | None, reduce_dtype: str | None):
     )
 
 
+#: Methods of the root that run the inner model without the root's `forward` (`generate` calls the inner model's
+#: forward): FSDP2 gathers the root's parameters (embeddings, head) around them as around `forward`.
+FORWARD_METHODS = ("generate",)
+
+
 def apply_fsdp(
     model: nn.Module,
     mesh=None,
@@ -94,7 +99,7 @@ def apply_fsdp(
         ValueError: for a store not on the local backend, a mesh that is not 1-D, or an adapter tensor no FSDP2
             group could own (`plan_ownership`); raised before anything is wrapped.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 
     tuner = _tuner(model)
     store = tuner.store
@@ -130,6 +135,9 @@ def apply_fsdp(
     # The root (embeddings, final norm, head, tensors shared by several blocks) is needed again as soon as backward
     # starts: kept unsharded between forward and backward, as FSDP2 itself does for a root by default.
     fully_shard(root, **{**kwargs, "reshard_after_forward": False})
+    for method in FORWARD_METHODS:
+        if callable(getattr(root, method, None)):
+            register_fsdp_forward_method(root, method)
     store.use_fsdp(FsdpView.after_wrap(entries, before, lambda: unwrap_fsdp(root)))
     return model
 
@@ -163,6 +171,8 @@ def unwrap_fsdp(root: nn.Module) -> nn.Module:
                 for handle in handles.values():
                     handle.remove()
                 handles.clear()
+        for method in FORWARD_METHODS:
+            module.__dict__.pop(method, None)  # `register_fsdp_forward_method`'s instance-level wrapper
         # FSDP2 puts its class first in the MRO: [FSDP<Orig>, FSDPModule, Orig, ...].
         module.__class__ = next(c for c in type(module).__mro__[1:] if not issubclass(c, FSDPModule))
     return root

@@ -8,6 +8,8 @@ and walked without generators; the helpers here are what injection, loading and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import nn
 from torch.nn.modules import module as _module_mod
 
@@ -90,7 +92,7 @@ def init_module_state(module: nn.Module) -> None:
         attrs[name] = kind()
 
 
-def attach(owner: nn.Module, path: tuple[str, ...], param: nn.Parameter) -> None:
+def attach(owner: nn.Module, path: Sequence[str], param: nn.Parameter) -> None:
     """Register `param` under `owner` at `path` (``("lora_A", "default", "weight")``), making holders on the way."""
     module = owner
     for part in path[:-1]:

@@ -17,7 +17,7 @@ from dpeft.store.holders import attach as _attach
 from dpeft.store.holders import detach_holders  # noqa: F401  (re-exported)
 from dpeft.store.integrity import verify_full_state
 from dpeft.store.projection import project_reads
-from dpeft.store.spec import ParamSpec
+from dpeft.store.spec import ADAPTER, ParamSpec
 
 PEFT_PREFIX = "base_model.model."
 SHARED_PREFIX = "base_model."
@@ -105,8 +105,8 @@ class AdapterStore:
                     else:
                         spec.init(tensor)
             param = nn.Parameter(tensor, requires_grad=spec.trainable and tensor.is_floating_point())
-            if spec.attach:
-                _attach(owner, spec.module_path(adapter), param)
+            if spec.attach:  # spec.module_path(adapter), as a list: a tuple of a generator costs more than the rest
+                _attach(owner, [adapter if part == ADAPTER else part for part in spec.path], param)
             entry.params[spec.name] = param
         self._add(entry)
         return entry
@@ -134,8 +134,6 @@ class AdapterStore:
         Args:
             params: name -> (parameter, saved-key suffix under `module_name`).
         """
-        from dpeft.store.spec import ADAPTER
-
         specs = {n: ParamSpec(n, tuple(p.shape), (ADAPTER, *suffix.split("."))) for n, (p, suffix) in params.items()}
         entry = Entry(adapter, module_name, specs, {n: p for n, (p, _) in params.items()})
         self._add(entry)
