@@ -2,13 +2,17 @@
 
 A row is (id, model name from tests/models.py, config factory, flags). Adding a method adds rows here; nothing
 else in the common tests changes. `init_lora_weights=False`-style settings make adapters non-zero at init, so
-"forward changes outputs" is meaningful without training.
+"forward changes outputs" is meaningful without training. A method with no such init (LN tuning starts as an exact
+copy of the norms) sets `perturb=True`: the common checks then move every trainable adapter tensor off its init
+with seeded noise right after the adapter is created (`perturb_trainable`), the same for every such row.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+
+import torch
 
 import dpeft
 
@@ -22,6 +26,20 @@ class Case:
     mixed_batch: bool = True
     peft_interop: bool = True
     tags: tuple[str, ...] = field(default_factory=tuple)
+    perturb: bool = False  # the adapter is the identity at init: add seeded noise to it after creation
+
+
+@torch.no_grad()
+def perturb_trainable(model: torch.nn.Module, seed: int, scale: float = 0.1) -> None:
+    """Add seeded noise to every trainable tensor of `model` (the active adapter's), visited in name order.
+
+    Name order makes the noise depend only on the parameter names, so a dpeft and an HF PEFT model with the same
+    trainable names (checked by test_common's trainable-parameter test) get the same values for the same seed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for _, param in sorted(model.named_parameters()):
+        if param.requires_grad:
+            param.add_(torch.randn(param.shape, generator=g, dtype=torch.float32).to(param.dtype) * scale)
 
 
 def lora(**kw) -> Callable[[], dpeft.PeftConfig]:
@@ -524,9 +542,30 @@ CASES += [
     ),
 ]
 
+
+# LN tuning: the adapter is a trainable copy of each targeted norm layer (the identity change at init, with no init
+# option in PEFT to change that), hence `perturb=True`. Merging writes the copy into the norm (PEFT swaps the module).
+def ln_tuning(**kw) -> Callable[[], dpeft.PeftConfig]:
+    return lambda: dpeft.LNTuningConfig(**kw)
+
+
+LN = {"perturb": True}
+CASES += [
+    Case("ln-tuning-llama-rmsnorm", "llama", ln_tuning(task_type="CAUSAL_LM"), **LN),  # PEFT's llama defaults
+    Case(
+        "ln-tuning-bert-layernorm-seqcls", "bert", ln_tuning(target_modules=["LayerNorm"], task_type="SEQ_CLS"), **LN
+    ),
+    Case("ln-tuning-gpt2", "gpt2", ln_tuning(target_modules=["ln_1", "ln_f"], task_type="CAUSAL_LM"), **LN),
+    Case("ln-tuning-groupnorm", "conv2d_groupnorm", ln_tuning(target_modules=["norm"]), **LN),
+    Case("ln-tuning-t5", "t5", ln_tuning(task_type="SEQ_2_SEQ_LM"), **LN),  # T5LayerNorm (RMS, no bias), defaults
+    Case(
+        "ln-tuning-gpt2-modules-to-save",
+        "gpt2",
+        ln_tuning(target_modules=["ln_2"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"),
+        **LN,
+    ),
+]
+
 # Registered methods without a row, each with the reason and where the same checks run for it
 # (tests/test_common.py's coverage test reads this).
-NOT_IN_TABLE = {
-    "LN_TUNING": "starts as an exact copy of the norm layers (PEFT has no init that changes outputs), so "
-    "'forward changes outputs' cannot hold; tests/test_methods_interop.py LN_CASES runs the checks on trained copies",
-}
+NOT_IN_TABLE: dict[str, str] = {}

@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from cases import CASES, Case  # noqa: E402
+from cases import CASES, Case, perturb_trainable  # noqa: E402
 from models import build, output  # noqa: E402
 
 import dpeft  # noqa: E402
@@ -48,6 +48,8 @@ def make_case(case: Case, seed: int = 0, adapter_seed: int = 0):
         ref = output(base, kw)
     torch.manual_seed(adapter_seed)
     model = dpeft.get_peft_model(base, case.config()).eval()
+    if case.perturb:  # an identity-at-init adapter (LN tuning): move it so that it changes outputs
+        perturb_trainable(model, seed=1000 + adapter_seed)
     return model, kw, ref
 
 

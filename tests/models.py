@@ -77,6 +77,19 @@ class Conv2dModel(nn.Module):
         return self.lin0(h.mean(dim=(2, 3)))
 
 
+class Conv2dGroupNorm(nn.Module):
+    """Convolutions with a GroupNorm between them (a norm layer that is neither LayerNorm nor RMSNorm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv2d = nn.Conv2d(5, 8, 3)
+        self.norm = nn.GroupNorm(2, 8)
+        self.lin0 = nn.Linear(8, 2)
+
+    def forward(self, X):
+        return self.lin0(self.norm(self.conv2d(X)).mean(dim=(2, 3)))
+
+
 def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -174,6 +187,10 @@ MODELS = {
         lambda g: {"X": torch.randint(0, 100, (4, 10), generator=g)},
     ),
     "conv2d": (lambda seed=0: _seeded(Conv2dModel, seed), lambda g: {"X": torch.randn(4, 5, 6, 6, generator=g)}),
+    "conv2d_groupnorm": (
+        lambda seed=0: _seeded(Conv2dGroupNorm, seed),
+        lambda g: {"X": torch.randn(4, 5, 6, 6, generator=g)},
+    ),
     "llama": (tiny_llama, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}),
     "bert": (tiny_bert_classifier, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}),
     "gpt2": (tiny_gpt2, lambda g: {"input_ids": torch.randint(0, 64, (2, 8), generator=g)}),

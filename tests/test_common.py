@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from cases import CASES, NOT_IN_TABLE
+from cases import CASES, NOT_IN_TABLE, perturb_trainable
 from conftest import (
     assert_close,
     assert_differs,
@@ -35,6 +37,10 @@ def _with_second_adapter(case, seed: int = 0):
     if "one-trainable" in case.tags:  # the method allows one trainable adapter (as in PEFT): add the second frozen
         config.inference_mode = True
     model.add_adapter("other", config)
+    if case.perturb:  # noise on "other"'s trainable tensors (only the active adapter's are trainable)
+        model.set_adapter("other")
+        perturb_trainable(model, seed=2000)
+        model.set_adapter("default")
     return model.eval(), kw, ref
 
 
@@ -114,10 +120,28 @@ def test_unload_and_disable_give_base(case):
     with model.disable_adapter():
         assert_close(out(model, kw), ref, atol=0, msg="disable_adapter:")
     assert_close(out(model, kw), expected, atol=0, msg="after disable_adapter:")
+    unloaded = _base_with_saved_copies(case, model, kw, ref)
     plain = model.unload()
     assert not _wrappers(plain)
     assert [type(m) for m in plain.modules()] == [type(m) for m in build(case.model)[0].modules()]
-    assert_close(out(plain, kw), ref, atol=0, msg="unload:")
+    assert_close(out(plain, kw), unloaded, atol=0, msg="unload:")
+
+
+def _base_with_saved_copies(case, model, kw, ref) -> torch.Tensor:
+    """What `unload` must output: the base's outputs, with the active adapter's `modules_to_save` copies left in
+    place of their modules (they hold trained weights; HF PEFT's unload keeps them too). Only a perturbed row's
+    copies differ from the base modules."""
+    base = build(case.model)[0]
+    copies = {
+        name: wrapper.modules_to_save[model.active_adapter]
+        for name, wrapper in model.get_base_model().named_modules()
+        if isinstance(wrapper, ModulesToSaveWrapper) and model.active_adapter in wrapper.modules_to_save
+    }
+    if not copies:
+        return ref
+    for name, module in copies.items():  # replaced, not loaded into: a tied head must not write the embedding
+        base.set_submodule(name, copy.deepcopy(module))
+    return out(base, kw)
 
 
 @pytest.mark.parametrize("case", ALL)

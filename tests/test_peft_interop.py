@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from cases import CASES
+from cases import CASES, perturb_trainable
 from conftest import assert_close, out, peft_config_of
 from models import build
 
@@ -23,20 +23,11 @@ peft = pytest.importorskip("peft")
 INTEROP = [pytest.param(c, id=c.id) for c in CASES if c.peft_interop]
 
 
-@torch.no_grad()
-def _perturb(model: torch.nn.Module, seed: int) -> None:
-    """Move every trainable tensor away from its init (so a tensor that is not saved or loaded shows up)."""
-    g = torch.Generator().manual_seed(seed)
-    for _, param in sorted(model.named_parameters()):
-        if param.requires_grad:
-            param.add_(torch.randn(param.shape, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("case", INTEROP)
 def test_peft_checkpoint_loads_in_dpeft(case, tmp_path):
     base, kw = build(case.model)
     reference = peft.get_peft_model(base, peft_config_of(case.config()))
-    _perturb(reference, seed=1)
+    perturb_trainable(reference, seed=1)
     reference.eval()
     expected = out(reference, kw)
     reference.save_pretrained(tmp_path)
@@ -56,7 +47,7 @@ def test_peft_checkpoint_loads_in_dpeft(case, tmp_path):
 def test_dpeft_checkpoint_loads_in_peft(case, tmp_path):
     base, kw = build(case.model)
     model = dpeft.get_peft_model(base, case.config())
-    _perturb(model, seed=2)
+    perturb_trainable(model, seed=2)
     model.eval()
     expected = out(model, kw)
     model.save_pretrained(tmp_path)
@@ -68,6 +59,23 @@ def test_dpeft_checkpoint_loads_in_peft(case, tmp_path):
     assert sorted(ours) == sorted(theirs)
     for key, value in ours.items():
         assert torch.equal(value, theirs[key]), key
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES if c.peft_interop and c.perturb])
+def test_same_perturbation_same_model_as_peft(case):
+    """A `perturb` row's adapter starts from the base's tensors (no random init), so dpeft and PEFT models given the
+    same seeded noise hold the same trainable tensors and give the same outputs, with no checkpoint in between."""
+    ours = dpeft.get_peft_model(build(case.model)[0], case.config())
+    theirs = peft.get_peft_model(build(case.model)[0], peft_config_of(case.config()))
+    tensors = []
+    for model in (ours, theirs):
+        perturb_trainable(model, seed=4)
+        tensors.append({n: p.detach() for n, p in model.named_parameters() if p.requires_grad})
+    assert sorted(tensors[0]) == sorted(tensors[1])
+    for name, value in tensors[0].items():
+        assert torch.equal(value, tensors[1][name]), name
+    kw = build(case.model)[1]
+    assert_close(out(ours.eval(), kw), out(theirs.eval(), kw))
 
 
 @pytest.mark.parametrize("case", INTEROP)
@@ -174,7 +182,7 @@ def test_older_peft_magnitude_key_loads(tmp_path):
     case = next(c for c in CASES if c.id == "dora-linear")
     base, kw = build(case.model)
     reference = peft.get_peft_model(base, peft_config_of(case.config()))
-    _perturb(reference, seed=3)
+    perturb_trainable(reference, seed=3)
     reference.eval()
     reference.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
