@@ -543,7 +543,7 @@ CASES += [
 ]
 
 
-# LN tuning: the adapter is a trainable copy of each targeted norm layer (the identity change at init, with no init
+# LN tuning: the adapter is a trainable copy of each targeted (norm) layer (the identity change at init, with no init
 # option in PEFT to change that), hence `perturb=True`. Merging writes the copy into the norm (PEFT swaps the module).
 def ln_tuning(**kw) -> Callable[[], dpeft.PeftConfig]:
     return lambda: dpeft.LNTuningConfig(**kw)
@@ -564,6 +564,11 @@ CASES += [
         ln_tuning(target_modules=["ln_2"], modules_to_save=["lm_head"], task_type="CAUSAL_LM"),
         **LN,
     ),
+    # As in PEFT, any plain layer can be tuned the same way (a copy of its parameters replaces them).
+    Case("ln-tuning-linear", "mlp", ln_tuning(target_modules=["lin0"]), **LN),
+    Case("ln-tuning-gpt2-conv1d-and-norm", "gpt2", ln_tuning(target_modules=["c_attn", "ln_1"]), **LN),
+    Case("ln-tuning-conv2d", "conv2d", ln_tuning(target_modules=["conv2d"]), **LN),
+    Case("ln-tuning-embedding", "emb_conv1d", ln_tuning(target_modules=["emb"]), **LN),
 ]
 
 # Registered methods without a row, each with the reason and where the same checks run for it

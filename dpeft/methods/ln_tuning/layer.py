@@ -1,4 +1,7 @@
-"""LayerNorm tuning: the adapter is a full copy of a normalisation layer's parameters, used instead of the base's.
+"""LayerNorm tuning: the adapter is a full copy of a layer's parameters, used instead of the base's.
+
+Meant for normalisation layers; as in HF PEFT, any plain layer (Linear, Conv, Embedding, GPT-2's Conv1D) can be
+tuned the same way.
 
 Math:  y = norm(x; weight', bias')  with weight', bias' trainable copies of the base layer's (so it starts as the
 identity change). Key names follow HF PEFT: `<norm>.ln_tuning_layers.weight` / `.bias`. Merging writes the copy
@@ -73,12 +76,13 @@ class LNTuningLayer(MethodLayer):
     def merge_weight(self, weight: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         layer = self.handler.layer
         self._base_values = {n: getattr(layer, n).detach().clone() for n in self.names}
-        return p["weight"].detach().to(weight.dtype)
+        # The copy is in the layer's stored layout; merged weights are (out, in, ...) (GPT-2's Conv1D differs).
+        return self.handler.logical_layout(p["weight"].detach()).to(weight.dtype)
 
     def unmerge_weight(self, weight: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         if self._base_values is None:
             raise RuntimeError(f"{self.module_name}: LN-tuning adapter was not merged by this process; cannot unmerge")
-        restored = self._base_values.pop("weight").to(weight.dtype)
+        restored = self.handler.logical_layout(self._base_values.pop("weight")).to(weight.dtype)
         if not self._base_values:
             self._base_values = None
         return restored
@@ -93,7 +97,17 @@ class LNTuningLayer(MethodLayer):
         return restored
 
     def delta_weight(self, p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return p["weight"].detach() - self.handler.weight().detach()
+        return self.handler.logical_layout(p["weight"].detach()) - self.handler.weight().detach()
+
+
+def copyable(layer: nn.Module) -> bool:
+    """Whether LN tuning can copy `layer`: a leaf whose parameters are plain float tensors with a `weight`."""
+    params = layer._parameters
+    return (
+        "weight" in params
+        and not layer._modules
+        and all(type(t) is nn.Parameter and t.is_floating_point() for t in params.values() if t is not None)
+    )
 
 
 def _copy_of(layer: nn.Module, name: str):
