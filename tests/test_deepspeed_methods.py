@@ -42,7 +42,8 @@ SEED = 11
 CHEAP = ["vera", "shira", "prompt-tuning"]
 # Registered methods without a row here, each with the reason (the coverage test reads this).
 LEFT_OUT = {
-    "ADALORA": "its per-rank gather under ZeRO-3 is another engineer's task (issue 4 notes; dpeft.train refuses it)",
+    "ADALORA": "refused by apply_deepspeed (test_adalora_is_refused): its regulariser and rank allocation read "
+    "gradients and tensors that DeepSpeed keeps in ZeRO partitions",
 }
 # Rows whose adapter HF PEFT 0.21.2 cannot load on CPU (the saved file is checked against one process all the same,
 # and dpeft loads it): PEFT builds BOFT with boft_n_butterfly_factor > 1 as 1 factor on CPU (issue 6 notes).
@@ -252,6 +253,18 @@ def test_every_registered_method_is_covered() -> None:
     covered = {config.peft_type for config in cases().values()} | set(LEFT_OUT)
     missing = sorted(set(registered_methods()) - covered)
     assert not missing, f"add a row for {missing} to tests/test_deepspeed_methods.py (or a reason to LEFT_OUT)"
+
+
+def test_adalora_is_refused() -> None:
+    """Refused before DeepSpeed starts (no process group needed), the model left on the local backend."""
+    from dpeft.dist.deepspeed import apply_deepspeed
+
+    config = dpeft.AdaLoraConfig(target_modules=["q_proj"], r=4, init_r=4, total_step=10, task_type="CAUSAL_LM")
+    model = dpeft.get_peft_model(tiny_llama(), config)
+    optimizer = torch.optim.SGD(model.store.optimizer_parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="ADALORA.*sharded or fsdp2"):
+        apply_deepspeed(model, optimizer, zero_stage=2)
+    assert model.store.backend == "local"
 
 
 def test_cheap_rows_match_single_process(tmp_path) -> None:

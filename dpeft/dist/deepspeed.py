@@ -175,6 +175,7 @@ def apply_deepspeed(
         raise TypeError(f"{type(model).__name__} has no dpeft adapter store; build it with dpeft.get_peft_model")
     if store.backend != "local":
         raise ValueError(f"the store already uses the {store.backend!r} backend; apply DeepSpeed to a fresh model")
+    _refuse_training_hooks(model)
     params = {id(p) for p in store.optimizer_parameters()}
     foreign = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in params]
     if foreign:
@@ -193,6 +194,21 @@ def apply_deepspeed(
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     store.use_deepspeed(DeepSpeedView(stage, ds_optimizer))
     return engine
+
+
+def _refuse_training_hooks(model: nn.Module) -> None:
+    """Refuse a method with model-level training steps (AdaLoRA's regulariser and rank allocation): they read
+    per-element gradients after the step and the adapter tensors outside the forward, which DeepSpeed keeps in ZeRO
+    partitions (param.grad is None; ZeRO-3 parameters are shape [0] outside the forward)."""
+    from dpeft.model.tuner import tuner_of
+
+    hooks = [h for h in tuner_of(model).model_hooks.values() if h.adds_training_steps]
+    if hooks:
+        peft_type = next(iter(model.peft_config.values())).peft_type
+        raise ValueError(
+            f"peft_type {peft_type!r} adds model-level training steps (an extra loss, per-step updates that read "
+            "gradients) that the deepspeed backend cannot run; train it with the sharded or fsdp2 store backend"
+        )
 
 
 def attach_prepared(engine) -> nn.Module:
