@@ -42,8 +42,8 @@ SEED = 11
 CHEAP = ["vera", "shira", "prompt-tuning"]
 # Registered methods without a row here, each with the reason (the coverage test reads this).
 LEFT_OUT = {
-    "ADALORA": "refused by apply_deepspeed (test_adalora_is_refused): its regulariser and rank allocation read "
-    "gradients and tensors that DeepSpeed keeps in ZeRO partitions",
+    "ADALORA": "refused before DeepSpeed starts (test_unsupported_methods_are_refused_before_deepspeed_starts): its "
+    "regulariser and rank allocation read gradients and tensors that DeepSpeed keeps in ZeRO partitions",
 }
 # Rows whose adapter HF PEFT 0.21.2 cannot load on CPU (the saved file is checked against one process all the same,
 # and dpeft loads it): PEFT builds BOFT with boft_n_butterfly_factor > 1 as 1 factor on CPU (issue 6 notes).
@@ -255,15 +255,30 @@ def test_every_registered_method_is_covered() -> None:
     assert not missing, f"add a row for {missing} to tests/test_deepspeed_methods.py (or a reason to LEFT_OUT)"
 
 
-def test_adalora_is_refused() -> None:
-    """Refused before DeepSpeed starts (no process group needed), the model left on the local backend."""
-    from dpeft.dist.deepspeed import apply_deepspeed
+REFUSED = {
+    "adalora": (
+        lambda: dpeft.AdaLoraConfig(target_modules=["q_proj"], r=4, init_r=4, total_step=10, task_type="CAUSAL_LM"),
+        "ADALORA.*deepspeed backend cannot run.*sharded or fsdp2",
+    ),
+    "oft-coft": (
+        lambda: dpeft.OFTConfig(target_modules=["q_proj"], oft_block_size=4, coft=True, task_type="CAUSAL_LM"),
+        "projected in place.*deepspeed store backend does not support",
+    ),
+}
 
-    config = dpeft.AdaLoraConfig(target_modules=["q_proj"], r=4, init_r=4, total_step=10, task_type="CAUSAL_LM")
-    model = dpeft.get_peft_model(tiny_llama(), config)
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_unsupported_methods_are_refused_before_deepspeed_starts(name: str) -> None:
+    """Refused by `apply_deepspeed` (and accelerate's path) before DeepSpeed starts, the store left local."""
+    from dpeft.dist.deepspeed import apply_deepspeed, prepare_for_accelerate
+
+    factory, message = REFUSED[name]
+    model = dpeft.get_peft_model(tiny_llama(), factory())
     optimizer = torch.optim.SGD(model.store.optimizer_parameters(), lr=0.1)
-    with pytest.raises(ValueError, match="ADALORA.*sharded or fsdp2"):
+    with pytest.raises(ValueError, match=message):
         apply_deepspeed(model, optimizer, zero_stage=2)
+    with pytest.raises(ValueError, match=message):
+        prepare_for_accelerate(model)
     assert model.store.backend == "local"
 
 

@@ -303,3 +303,15 @@ def test_accelerate_fsdp2_plugin():
         assert "dpeft.dist.fsdp.apply_fsdp(model) first" in r["forward"], (rank, r["forward"])
     # Only the main process writes (and reads the tensors) on the local backend the store still thinks it has.
     assert "dpeft.dist.fsdp.apply_fsdp(model) first" in per_rank[0]["save"], per_rank[0]["save"]
+
+
+def test_projected_tensors_are_refused_before_wrapping():
+    """OFT's coft projects its tensors in place before each read, which fsdp2 cannot write back: refused before any
+    process group or mesh is needed, the store left local."""
+    from dpeft.dist.fsdp import apply_fsdp
+
+    config = dpeft.OFTConfig(target_modules=["q_proj"], oft_block_size=4, coft=True, task_type="CAUSAL_LM")
+    model = dpeft.get_peft_model(build("llama")[0], config)
+    with pytest.raises(ValueError, match="projected in place.*fsdp2 store backend does not support.*coft=False"):
+        apply_fsdp(model)
+    assert model.store.backend == "local"

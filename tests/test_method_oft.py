@@ -97,6 +97,25 @@ def test_conv2d_k3_uses_the_merged_form_and_starts_at_identity():
     assert_close(out(ours, kw), out(theirs.merge_and_unload(), kw))
 
 
+def test_conv2d_several_active_adapters_equal_their_merge():
+    """Two active OFT adapters on a convolution: the forward merges them in the active order (W R_a^T, then R_b^T),
+    which is what `merge_adapter` and PEFT's merged model do; the two orders differ."""
+    config = dpeft.OFTConfig(target_modules=["conv2d"], oft_block_size=5, init_weights=False)
+    torch.manual_seed(0)
+    model = dpeft.get_peft_model(build("conv2d")[0], config)
+    model.add_adapter("b", config)
+    _, kw = build("conv2d")
+    outputs = []
+    for order in (["default", "b"], ["b", "default"]):
+        model.base_model.set_adapter(order)
+        forward = out(model, kw)
+        model.merge_adapter(order)
+        assert_close(out(model, kw), forward, atol=1e-5, msg=str(order))
+        model.unmerge_adapter()
+        outputs.append(forward)
+    assert (outputs[0] - outputs[1]).abs().max() > 1e-4  # rotations do not commute: the order is honoured
+
+
 def test_block_size_is_adjusted_like_peft():
     """An oft_block_size that does not divide the layer becomes the nearest divisor, with PEFT's shapes."""
     config = dpeft.OFTConfig(target_modules=["lin0", "lin1"], oft_block_size=3)

@@ -393,6 +393,24 @@ def test_peft_module_layout_and_an_emptied_wrapper_switches_kind():
             assert_close(model(input_ids=IDS).logits, reference, atol=0)
 
 
+def test_failed_load_into_an_emptied_wrapper_restores_its_layout(tmp_path):
+    """A prompt adapter whose file does not fit, loaded into an emptied LoRA wrapper: the wrapper had switched to
+    the prompt layout for it, and is switched back (nothing of the failed load stays)."""
+    from safetensors.torch import load_file, save_file
+
+    _llama_prompt(pt("CAUSAL_LM")).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k: v[:, :-1].contiguous() for k, v in load_file(path).items()}, path)  # a wrong token_dim
+    lora = dpeft.LoraConfig(target_modules=["q_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    model = dpeft.get_peft_model(tiny_llama(), lora)
+    model.delete_adapter("default")
+    names = [n for n, _ in model.named_parameters()]
+    with pytest.raises(ValueError, match="shape"):
+        model.load_adapter(tmp_path, adapter_name="prompt")
+    assert type(model.base_model).__name__ == "AdapterModel" and not model.peft_config
+    assert [n for n, _ in model.named_parameters()] == names
+
+
 def test_training_loop_loss_is_peft_loss_with_virtual_positions():
     """`dpeft.train.run` and `dpeft.eval` compute the loss from logits: with a causal LM's virtual-token outputs in
     front, the terms are HF PEFT's `outputs.loss` terms (the last virtual position predicts the first real token)."""

@@ -46,15 +46,10 @@ from dpeft.checkpoint.dcp_manifest import (
 from dpeft.checkpoint.dcp_optim import load_optimizer_state, optimizer_state
 from dpeft.checkpoint.integrity import check_before_save, check_read_back
 from dpeft.dist import barrier, get_rank, get_world_size, is_distributed
+from dpeft.model.tuner import tuner_of
 from dpeft.quant.merge import base_quantization
 
 _STEP = re.compile(r"^step-(\d{8})$")
-
-
-def _tuner(model: nn.Module):
-    from dpeft.model.tuner import tuner_of
-
-    return tuner_of(model)  # a prompt-learning PeftModel's `base_model` is the user's model, not the tuner
 
 
 def _store_ids(store) -> set[int]:
@@ -94,7 +89,7 @@ def save_checkpoint(
         json.dumps(extra)
     except TypeError as exc:
         raise ValueError(f"extra must be JSON-able (it goes into {MANIFEST}): {exc}") from exc
-    tuner = _tuner(model)
+    tuner = tuner_of(model)
     store = tuner.store
     if store._sharded is not None:
         store._sharded.drain()  # no prefetch may be in flight under the checkpoint's collectives
@@ -231,7 +226,7 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
     """
     manifest = read_manifest(path)
     verify_checksums(path, manifest)
-    tuner = _tuner(model)
+    tuner = tuner_of(model)
     store = tuner.store
     fingerprint = base_fingerprint(tuner.model, _store_ids(store))
     # Config fields that training rewrites (AdaLoRA's rank_pattern) come from the checkpoint, not the model.

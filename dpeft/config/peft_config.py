@@ -10,6 +10,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from dpeft.config.atomic_file import publish_atomically
+
 CONFIG_NAME = "adapter_config.json"
 
 # Keys PEFT writes about the file rather than the adapter: kept and saved back, never warned about.
@@ -103,16 +105,13 @@ class PeftConfig:
         os.makedirs(save_directory, exist_ok=True)
         data = self.to_dict()
         data.update(kwargs)
-        path = os.path.join(save_directory, CONFIG_NAME)
-        tmp = f"{path}.{os.getpid()}.tmp"  # written whole, then renamed: never a half-written config
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+        def write(fd: int) -> None:
+            with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as f:
+                f.write(text)
+
+        publish_atomically(os.path.join(save_directory, CONFIG_NAME), write)  # never a half-written config
 
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> PeftConfig:

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dpeft.dist.deepspeed_view import DeepSpeedView, gathered
+from dpeft.store.projection import refuse_projected
 
 ZERO_STAGES = (2, 3)
 
@@ -175,7 +176,7 @@ def apply_deepspeed(
         raise TypeError(f"{type(model).__name__} has no dpeft adapter store; build it with dpeft.get_peft_model")
     if store.backend != "local":
         raise ValueError(f"the store already uses the {store.backend!r} backend; apply DeepSpeed to a fresh model")
-    _refuse_training_hooks(model)
+    refuse_unsupported(model)
     params = {id(p) for p in store.optimizer_parameters()}
     foreign = [tuple(p.shape) for g in optimizer.param_groups for p in g["params"] if id(p) not in params]
     if foreign:
@@ -196,18 +197,21 @@ def apply_deepspeed(
     return engine
 
 
-def _refuse_training_hooks(model: nn.Module) -> None:
-    """Refuse a method with model-level training steps (AdaLoRA's regulariser and rank allocation): they read
-    per-element gradients after the step and the adapter tensors outside the forward, which DeepSpeed keeps in ZeRO
-    partitions (param.grad is None; ZeRO-3 parameters are shape [0] outside the forward)."""
+def refuse_unsupported(model: nn.Module) -> None:
+    """Refuse, before DeepSpeed starts, what the deepspeed backend cannot run: model-level training steps (AdaLoRA's
+    regulariser and rank allocation read per-element gradients after the step and the adapter tensors outside the
+    forward, which DeepSpeed keeps in ZeRO partitions: param.grad is None, ZeRO-3 parameters are shape [0] outside
+    the forward) and tensors projected in place before each read (`ParamSpec.project`, OFT's coft)."""
     from dpeft.model.tuner import tuner_of
 
+    store = model.store
+    refuse_projected((e for adapter in store.adapters for e in store.entries(adapter)), "deepspeed")
     hooks = [h for h in tuner_of(model).model_hooks.values() if h.adds_training_steps]
     if hooks:
-        peft_type = next(iter(model.peft_config.values())).peft_type
         raise ValueError(
-            f"peft_type {peft_type!r} adds model-level training steps (an extra loss, per-step updates that read "
-            "gradients) that the deepspeed backend cannot run; train it with the sharded or fsdp2 store backend"
+            f"peft_type {hooks[0].config.peft_type!r} adds model-level training steps (an extra loss, per-step "
+            "updates that read gradients) that the deepspeed backend cannot run (DeepSpeed keeps gradients in ZeRO "
+            "partitions, not param.grad); train it with the sharded or fsdp2 store backend"
         )
 
 
@@ -224,6 +228,7 @@ def attach_prepared(engine) -> nn.Module:
     if stage not in ZERO_STAGES:
         raise ValueError(f"the deepspeed backend supports ZeRO stage 2 or 3, not {stage}; set the plugin's zero_stage")
     model = engine.module
+    refuse_unsupported(model)
     model.store.use_deepspeed(DeepSpeedView(stage, engine.optimizer))
     return model
 
@@ -232,6 +237,7 @@ def prepare_for_accelerate(model: nn.Module) -> nn.Module:
     """Call before creating the ``Accelerator`` with a DeepSpeed plugin: imports DeepSpeed the way this module does
     (no JIT build on CPU) and registers the tensors adapted layers read outside their children's forwards
     (needed by ZeRO-3, harmless under ZeRO-2)."""
+    refuse_unsupported(model)
     import_deepspeed()
     register_external_parameters(model)
     return model

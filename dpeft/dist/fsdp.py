@@ -18,15 +18,11 @@ import torch.distributed as dist
 from torch import nn
 
 from dpeft.store.fsdp_view import FsdpView, locate_parameters, plan_ownership
+from dpeft.store.projection import refuse_projected
 from dpeft.store.sharded import block_index
+from dpeft.model.tuner import tuner_of
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _tuner(model: nn.Module):
-    from dpeft.model.tuner import tuner_of
-
-    return tuner_of(model)  # a prompt-learning PeftModel's `base_model` is the user's model, not the tuner
 
 
 def default_mesh(group=None):
@@ -101,10 +97,11 @@ def apply_fsdp(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 
-    tuner = _tuner(model)
+    tuner = tuner_of(model)
     store = tuner.store
     if store.backend != "local":
         raise ValueError(f"apply_fsdp needs a store on the 'local' backend; this one is {store.backend!r}")
+    refuse_projected((e for adapter in store.adapters for e in store.entries(adapter)), "fsdp2")
     mesh = mesh if mesh is not None else default_mesh()
     if mesh.ndim != 1:
         raise ValueError(f"apply_fsdp takes a 1-D data-parallel mesh; got a {mesh.ndim}-D one")

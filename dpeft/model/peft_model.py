@@ -410,7 +410,7 @@ class PeftModel(nn.Module):
         )
         mapping = key_mapping if key_mapping is not None else conversion_mapping(self.get_base_model())
         state = remap_keys(state, mapping)
-        flags = trainability(self)
+        flags, was_prompt = trainability(self), self._is_prompt_learning
         try:
             self.add_adapter(
                 adapter_name, config, low_cpu_mem_usage=True, autocast_adapter_dtype=autocast_adapter_dtype
@@ -419,6 +419,8 @@ class PeftModel(nn.Module):
         except BaseException:
             if adapter_name in self.peft_config:
                 self._tuner.delete_adapter(adapter_name, _rollback=True)
+            if not self.peft_config and self._is_prompt_learning != was_prompt:
+                self._use_prompt_layout(was_prompt)  # an emptied wrapper had switched layout for this adapter
             restore(flags)
             raise
         if not is_trainable:

@@ -20,10 +20,6 @@ from dpeft.store.holders import walk_modules
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
 
-def _tuner(model: nn.Module):
-    return tuner_of(model)
-
-
 def _bias_keys(tuner, adapter_name: str) -> dict[str, nn.Parameter]:
     """Base-model biases that `bias='all'|'lora_only'` trains, under PEFT's saved names."""
     bias = getattr(tuner.peft_config[adapter_name], "bias", "none")
@@ -89,7 +85,7 @@ def get_peft_model_state_dict(
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
-    tuner = _tuner(model)
+    tuner = tuner_of(model)
     out = tuner.store.state_dict(adapter_name)
     if adapter_name in getattr(tuner, "prompt_encoders", {}):
         out = prompt_saved_state(tuner, adapter_name, out)  # PEFT saves a prompt encoder's output
@@ -143,7 +139,7 @@ def set_peft_model_state_dict(
     Raises:
         ValueError: naming missing, unexpected or mis-shaped keys; the model is left unchanged.
     """
-    tuner = _tuner(model)
+    tuner = tuner_of(model)
     if adapter_name in getattr(tuner, "prompt_encoders", {}):
         peft_model_state_dict = prompt_state_to_store(tuner, adapter_name, peft_model_state_dict)
     state = normalize_keys(peft_model_state_dict)

@@ -145,7 +145,8 @@ def _name_matcher(spec: list[str] | str) -> Callable[[str], bool]:
 
 
 def target_matcher(config: PeftConfig) -> Callable[[str], bool]:
-    """`is_target` for one config with its patterns compiled once (injection asks it about every module name)."""
+    """A function telling whether a module name is targeted by `config` (HF PEFT's matching rules), its patterns
+    compiled once (injection asks it about every module name)."""
     targets = getattr(config, "target_modules", None)
     if targets is None:
         return lambda key: False
@@ -163,11 +164,6 @@ def target_matcher(config: PeftConfig) -> Callable[[str], bool]:
         return not by_layer or _layer_index_ok(config, key)
 
     return matches
-
-
-def is_target(config: PeftConfig, key: str) -> bool:
-    """Whether the module named `key` is targeted by `config` (HF PEFT's matching rules)."""
-    return target_matcher(config)(key)
 
 
 def find_targets(model: nn.Module, config: PeftConfig) -> list[tuple[str, nn.Module, nn.Module]]:

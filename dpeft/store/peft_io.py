@@ -7,7 +7,8 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from dpeft.store.safetensors_io import publish_atomically, save_safetensors
+from dpeft.config.atomic_file import publish_atomically
+from dpeft.store.safetensors_io import save_safetensors
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"

@@ -18,12 +18,13 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import secrets
 import struct
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
+
+from dpeft.config.atomic_file import publish_atomically
 
 #: torch dtype -> safetensors dtype name; the order is safetensors' own dtype ranking, highest first, which is the
 #: order tensors of different dtypes appear in its files (checked byte for byte in tests/test_safetensors_io.py).
@@ -154,30 +155,3 @@ def _write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
                 break
             written -= len(head)
             first += 1
-
-
-def publish_atomically(path: str | os.PathLike, write: Callable[[int], object]) -> None:
-    """Run `write(fd)` on a fresh temporary file next to `path`, then rename it to `path`; on failure, remove it.
-
-    Readers of `path` see the previous file or the complete new one, never a partial write. (Like safetensors and
-    PEFT, nothing is fsynced: this guards against crashes and errors of the writing process.)
-    """
-    path = os.fspath(path)
-    directory, base = os.path.split(os.path.abspath(path))
-    # Unique per writer, so concurrent saves into one directory never share a temporary file; mode 0o666 lets the
-    # umask decide the published file's permissions, as for any file the user creates.
-    tmp = os.path.join(directory, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    fd = os.open(tmp, flags, 0o666)  # O_BINARY: no newline translation on Windows
-    try:
-        try:
-            write(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise

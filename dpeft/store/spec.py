@@ -35,7 +35,8 @@ class ParamSpec:
             model's `state_dict` keys stay PEFT's.
         project: Maps the stored value to the value every read sees, which is also written back (as PEFT's layers
             rewrite a parameter in place inside forward, e.g. to keep it in a ball); gradients pass through it
-            unchanged (see `dpeft.store.projection`). Supported by the local and sharded backends.
+            unchanged (see `dpeft.store.projection`). Returns its input itself when nothing moves (then nothing is
+            written). Supported by the local and sharded backends (fsdp2 and deepspeed refuse it before wrapping).
     """
 
     name: str

@@ -200,17 +200,18 @@ class _Trainer:
             return self._engine_step(step)
         parts, counter, units = self._micro_batches()
         local, extra_total, count = torch.zeros((), dtype=torch.float64), 0.0, None
-        for part in parts:
+        for i, part in enumerate(parts):
             with self.autocast():
                 logits = self.model(input_ids=part["input_ids"], attention_mask=part["attention_mask"]).logits
             count = count or counter(logits)
             terms = loss_sum(logits, part["labels"], self.cfg.model.task)
             loss = terms * (self.world / count)
-            # A method's extra loss (AdaLoRA's regulariser), the same on every rank: once per step in the average.
-            extra = extra_loss(self.hooks)
+            # A method's extra loss (AdaLoRA's regulariser) depends on the adapter only, the same on every rank and
+            # micro-batch: added once per step (one read of the tensors, a gather under the sharded backends).
+            extra = extra_loss(self.hooks) if i == 0 else None
             if extra is not None:
-                loss = loss + extra / len(parts)
-                extra_total += float(extra.detach()) / len(parts)
+                loss = loss + extra
+                extra_total = float(extra.detach())
             (loss * self.scaler.scale).backward()
             local += terms.detach().double().cpu()
         if self.backend == "local" and self.world > 1:

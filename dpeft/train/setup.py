@@ -64,7 +64,11 @@ def build_peft_model(model: nn.Module, cfg: RunConfig, backend: str, info: DistI
     peft.setdefault("task_type", _TASK_TYPES[cfg.model.task])
     torch.manual_seed(cfg.train.seed)
     peft_model = get_peft_model(model, get_peft_config(peft))
-    _check_model_hooks(peft_model, backend, info)
+    _check_model_hooks(peft_model)
+    if backend == "deepspeed" and info.world_size > 1:
+        from dpeft.dist.deepspeed import refuse_unsupported
+
+        refuse_unsupported(peft_model)  # before anything else is built
     if backend == "sharded" and info.world_size > 1:
         peft_model.store.shard(info.group)
     if backend == "fsdp2" and info.world_size > 1:
@@ -83,7 +87,7 @@ def _with_run_defaults(peft: dict, steps: int) -> dict:
     return peft
 
 
-def _check_model_hooks(peft_model: nn.Module, backend: str, info: DistInfo) -> None:
+def _check_model_hooks(peft_model: nn.Module) -> None:
     """Refuse model-level training steps (an extra loss, a per-step update) this loop cannot run, never ignore them."""
     from dpeft.model.tuner import tuner_of
 
@@ -96,16 +100,6 @@ def _check_model_hooks(peft_model: nn.Module, backend: str, info: DistInfo) -> N
         raise ValueError(
             f"peft_type {peft_type!r} adds model-level training steps (per-step {missing}) that dpeft.train.run "
             "does not run; train it in your own loop (see docs/adding_a_method.md, 'Model-level hooks')"
-        )
-    if backend == "deepspeed" and info.world_size > 1:
-        # The hooks read per-element gradients after the optimizer step and extra losses read the adapter tensors
-        # outside the forward. Under DeepSpeed param.grad is None (gradients go to ZeRO's flat partitions and the
-        # engine zeroes them inside its step) and ZeRO-3 parameters are shape [0] outside the forward: refuse rather
-        # than train differently from one process.
-        raise ValueError(
-            f"peft_type {peft_type!r} adds model-level training steps (an extra loss, per-step updates that read "
-            "gradients) that dpeft.train.run runs under the local, sharded and fsdp2 store backends, not deepspeed "
-            "(DeepSpeed keeps gradients in ZeRO partitions, not param.grad); set store.backend to sharded or fsdp2"
         )
 
 

@@ -82,6 +82,9 @@ class OFTLayer(WeightFormLayer):
         self.r, self.block_size = resolve_blocks(dim, config.r, config.oft_block_size, module_name)
         self.neumann, self.terms = config.use_cayley_neumann, config.num_cayley_neumann_terms
         self.transforms_input = self.kind == "linear"
+        # Linear layers rotate the input and embeddings the output, one adapter after the other; a convolution's
+        # rotation acts on its weight, so several active adapters compose by merging them in order (as merge does).
+        self.composes_through_weight = self.kind not in ("linear", "embedding")
         random = not config.init_weights
 
         def init(t: torch.Tensor) -> None:
