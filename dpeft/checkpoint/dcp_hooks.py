@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from dpeft.checkpoint.dcp_optim import dtype_named, is_dtensor, placed
+
 _PREFIX = "hooks/"
 
 
@@ -36,15 +38,11 @@ def _state(tuner, store) -> dict[str, tuple[torch.nn.Parameter, torch.Tensor, tu
     return out
 
 
-def _placed(store, value: torch.Tensor, shape: tuple[int, ...], sharded: bool) -> torch.Tensor:
-    return store._sharded.as_dtensor(value, shape) if sharded else value
-
-
 def hook_state(tuner, store) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors for DCP, manifest entry ``{key: {"shape", "dtype"}}``) of the adapters' training state."""
     tensors, meta = {}, {}
     for key, (_, value, shape, sharded) in _state(tuner, store).items():
-        tensors[key] = _placed(store, value, shape, sharded)
+        tensors[key] = placed(store, value, shape, sharded)
         meta[key] = {"shape": list(shape), "dtype": str(value.dtype).removeprefix("torch.")}
     return tensors, meta
 
@@ -73,8 +71,8 @@ def hook_placeholders(tuner, store, manifest: dict[str, Any], path: str) -> dict
     for key, (_, value, shape, sharded) in mine.items():
         if list(shape) != saved[key]["shape"]:
             raise ValueError(f"checkpoint {path!r}: {key} has shape {saved[key]['shape']}, the model {list(shape)}")
-        dtype = getattr(torch, saved[key]["dtype"])
-        out[key] = _placed(store, torch.empty_like(value, dtype=dtype), shape, sharded)
+        dtype = dtype_named(saved[key]["dtype"])
+        out[key] = placed(store, torch.empty_like(value, dtype=dtype), shape, sharded)
     return out
 
 
@@ -91,7 +89,7 @@ def apply_hook_state(tuner, store, loaded: dict[str, torch.Tensor]) -> None:
                 param = state[key][0]
                 # A local shard's state becomes local again; that of a DTensor parameter (fsdp2) stays a DTensor.
                 tensors[key[len(prefix) :]] = (
-                    value.to_local() if _is_dtensor(value) and not _is_dtensor(param) else value
+                    value.to_local() if is_dtensor(value) and not is_dtensor(param) else value
                 )
         if tensors:
             hooks.load_train_state(tensors)
@@ -106,7 +104,3 @@ def restored_config_fields(tuner, manifest: dict[str, Any]) -> dict[str, dict[st
         if fields:
             out[adapter] = fields
     return out
-
-
-def _is_dtensor(tensor: torch.Tensor) -> bool:
-    return hasattr(tensor, "to_local")

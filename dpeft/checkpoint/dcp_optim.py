@@ -15,12 +15,17 @@ import torch
 _PREFIX = "adapter/"
 
 
-def _dtype(name: str) -> torch.dtype:
+def dtype_named(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _dtensor(tensor: torch.Tensor) -> bool:
+def is_dtensor(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "to_local")
+
+
+def placed(store, value: torch.Tensor, shape: tuple[int, ...], sharded: bool) -> torch.Tensor:
+    """`value` (a rank's part) as DCP saves it: a DTensor of the full `shape` for a sharded-store tensor."""
+    return store._sharded.as_dtensor(value, shape) if sharded else value
 
 
 def _json_value(value: Any) -> Any:
@@ -65,7 +70,7 @@ def optimizer_state(store, optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
             for name, value in optimizer.state.get(param, {}).items():
                 if isinstance(value, torch.Tensor) and tuple(value.shape) == tuple(param.shape):
                     local = value.detach()
-                    tensors[_optim_key(key, name)] = store._sharded.as_dtensor(local, shape) if sharded else local
+                    tensors[_optim_key(key, name)] = placed(store, local, shape, sharded)
                     entries[name] = {"kind": "param", "shape": list(shape), "dtype": str(value.dtype)[6:]}
                 elif isinstance(value, torch.Tensor):
                     tensors[_optim_key(key, name)] = value.detach()
@@ -109,7 +114,7 @@ def load_optimizer_state(
                 else:
                     value = loaded[_optim_key(key, name)]
                     # The state of a DTensor parameter (fsdp2) stays a DTensor; a local shard's becomes local.
-                    state[name] = value.to_local() if hasattr(value, "to_local") and not _dtensor(param) else value
+                    state[name] = value.to_local() if is_dtensor(value) and not is_dtensor(param) else value
             if state:
                 optimizer.state[param] = state
     return {}
@@ -122,11 +127,11 @@ def _placeholders(store, optimizer, keys, meta: dict[str, Any]) -> dict[str, Any
             key, shape, sharded = keys[id(param)]
             for name, info in meta["state"].get(key, {}).items():
                 if info["kind"] == "param":
-                    if _dtensor(param):  # fsdp2: a DTensor placed like the parameter
-                        out[_optim_key(key, name)] = torch.empty_like(param.detach(), dtype=_dtype(info["dtype"]))
+                    if is_dtensor(param):  # fsdp2: a DTensor placed like the parameter
+                        out[_optim_key(key, name)] = torch.empty_like(param.detach(), dtype=dtype_named(info["dtype"]))
                         continue
-                    local = torch.empty(param.shape, dtype=_dtype(info["dtype"]), device=param.device)
-                    out[_optim_key(key, name)] = store._sharded.as_dtensor(local, shape) if sharded else local
+                    local = torch.empty(param.shape, dtype=dtype_named(info["dtype"]), device=param.device)
+                    out[_optim_key(key, name)] = placed(store, local, shape, sharded)
                 elif info["kind"] == "tensor":
-                    out[_optim_key(key, name)] = torch.empty(info["shape"], dtype=_dtype(info["dtype"]))
+                    out[_optim_key(key, name)] = torch.empty(info["shape"], dtype=dtype_named(info["dtype"]))
     return out

@@ -93,9 +93,14 @@ class AdaptedLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _apply_adapter(
-        self, name: str, x: torch.Tensor, result: torch.Tensor, rows: torch.Tensor | None = None
+        self,
+        name: str,
+        x: torch.Tensor,
+        result: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        p: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        p = self.store.get(self.entries[name])
+        p = p if p is not None else self.store.get(self.entries[name])
         if x.is_floating_point():
             x = x.to(_adapter_dtype(p))
         method = self.methods[name]
@@ -105,13 +110,16 @@ class AdaptedLayer(nn.Module):
         extras = {k: _rows_of(self.ctx.extras.get(k), rows, batch) for k in method.forward_kwargs}
         return method.forward(x, result, p, self.training, **extras)
 
-    def _base_input(self, x: torch.Tensor, names: list[str]) -> torch.Tensor:
-        """The base layer's input: `x` through the `transform_input` of each listed adapter that has one."""
+    def _base_input(
+        self, x: torch.Tensor, names: list[str], tensors: dict[str, dict[str, torch.Tensor]] | None = None
+    ) -> torch.Tensor:
+        """The base layer's input: `x` through the `transform_input` of each listed adapter that has one (its
+        tensors from `tensors` when the caller already read them: one read, one gather, per adapter and forward)."""
         for name in names:
             method = self.methods.get(name)
             if method is None or not method.transforms_input:
                 continue
-            p = self.store.get(self.entries[name])
+            p = tensors[name] if tensors is not None else self.store.get(self.entries[name])
             x = method.transform_input(x.to(_adapter_dtype(p)), p).to(x.dtype)
         return x
 
@@ -133,13 +141,13 @@ class AdaptedLayer(nn.Module):
         chain = [n for n in names if n in self.methods and self.methods[n].composes_through_weight]
         if len(chain) > 1:  # e.g. several BOFT adapters: one rotation after the other, not a sum of changes
             names = [n for n in names if n not in chain]
-        result = self.base_layer(self._base_input(x, names), *args, **kwargs)
+        tensors = {n: self.store.get(self.entries[n]) for n in names if n in self.methods}
+        result = self.base_layer(self._base_input(x, names, tensors), *args, **kwargs)
         dtype = result.dtype
         if len(chain) > 1:
             result = self._apply_chain(chain, x, result)
-        for name in names:
-            if name in self.methods:
-                result = self._apply_adapter(name, x, result)
+        for name in tensors:
+            result = self._apply_adapter(name, x, result, p=tensors[name])
         return result if result.dtype == dtype else result.to(dtype)
 
     def _apply_chain(self, chain: list[str], x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
@@ -178,18 +186,19 @@ class AdaptedLayer(nn.Module):
             rows.setdefault(name, []).append(i)
         # A fixed order, and a store read even for adapters without rows here: under a sharded store reads are
         # collectives, so every rank must make the same ones whatever its rows are (locally a read is free).
+        # One read per adapter, used for both the input transform and the output.
         for name in self.methods:
+            p = self.store.get(self.entries[name])
             idx = rows.get(name)
             if idx is None:
-                self.store.get(self.entries[name])
                 continue
             index = torch.tensor(idx, device=result.device)
             x_rows = x.index_select(0, index)
             if self.methods[name].transforms_input:
-                sub_result = self.base_layer(self._base_input(x_rows, [name]), *args, **kwargs)
+                sub_result = self.base_layer(self._base_input(x_rows, [name], {name: p}), *args, **kwargs)
             else:
                 sub_result = result.index_select(0, index)
-            sub = self._apply_adapter(name, x_rows, sub_result, index)
+            sub = self._apply_adapter(name, x_rows, sub_result, index, p=p)
             result = result.to(sub.dtype).index_copy(0, index, sub)
         return result if result.dtype == dtype else result.to(dtype)
 
