@@ -18,25 +18,14 @@ from dataclasses import dataclass
 
 import torch
 
+from dpeft.store.safetensors_io import DTYPE_NAMES, encode_header
+
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _COPY_CHUNK = 16 << 20  # raw copies move at most this many bytes through memory at once
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+#: safetensors dtype name -> torch dtype (the store's writer holds the table).
+DTYPES: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
@@ -247,15 +236,9 @@ class ShardWriter:
         self.path = path
         self.tensors = tensors
         self._next = 0
-        header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
-        offset = 0
-        for t in tensors:
-            header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-            offset += t.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        header = encode_header([(t.name, t.dtype, t.shape, t.nbytes) for t in tensors], metadata or {"format": "pt"})
         self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        self._file.write(header)
 
     def _expect(self, name: str) -> OutTensor:
         if self._next >= len(self.tensors) or self.tensors[self._next].name != name:

@@ -20,7 +20,7 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ from dpeft.config.atomic_file import publish_atomically
 
 #: torch dtype -> safetensors dtype name; the order is safetensors' own dtype ranking, highest first, which is the
 #: order tensors of different dtypes appear in its files (checked byte for byte in tests/test_safetensors_io.py).
-_DTYPES: dict[torch.dtype, str] = {
+DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.uint64: "U64",
     torch.int64: "I64",
     torch.float64: "F64",
@@ -48,7 +48,7 @@ _DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-_RANK = {dtype: i for i, dtype in enumerate(_DTYPES)}
+_RANK = {dtype: i for i, dtype in enumerate(DTYPE_NAMES)}
 _METADATA_KEY = "__metadata__"
 _SWAP_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 # Linux caps one writev at IOV_MAX buffers (1024); other systems may allow fewer.
@@ -76,16 +76,20 @@ def save_safetensors(
         raise TypeError(f"expected a dict of name -> tensor, got {type(tensors).__name__}")
     dense = {name: _dense(name, tensor) for name, tensor in tensors.items()}
     order = sorted(dense, key=lambda name: (_RANK[dense[name].dtype], name))
-    buffers = [encode_header(dense, order, metadata)]
+    rows = [
+        (n, DTYPE_NAMES[dense[n].dtype], dense[n].shape, dense[n].numel() * dense[n].element_size()) for n in order
+    ]
+    buffers = [encode_header(rows, metadata)]
     # `dense` holds the tensors behind `buffers` (views of their memory) until every byte is written.
     buffers += [_bytes(dense[name]) for name in order if dense[name].numel()]
     publish_atomically(path, lambda fd: _write_all(fd, buffers))
 
 
 def encode_header(
-    tensors: Mapping[str, torch.Tensor], order: list[str], metadata: Mapping[str, str] | None = None
+    rows: Iterable[tuple[str, str, Sequence[int], int]], metadata: Mapping[str, str] | None = None
 ) -> bytes:
-    """The 8-byte length and the space-padded JSON header describing `tensors` stored in `order`."""
+    """The 8-byte length and the space-padded JSON header of a file storing, in order, each (name, safetensors
+    dtype name, shape, byte count) of `rows` (used for adapter files and for the merge tool's shards)."""
     header: dict[str, object] = {}
     if metadata:
         bad = {k: v for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
@@ -93,11 +97,9 @@ def encode_header(
             raise TypeError(f"safetensors metadata must map str to str; not {bad!r}: convert the values to strings")
         header[_METADATA_KEY] = dict(metadata)
     offset = 0
-    for name in order:
-        tensor = tensors[name]
-        end = offset + tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
-        offset = end
+    for name, dtype, shape, nbytes in rows:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text
@@ -112,9 +114,9 @@ def _dense(name: str, tensor: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"{name!r}: expected a torch.Tensor, got {type(tensor).__name__}")
     if tensor.layout != torch.strided:
         raise ValueError(f"{name!r}: a {tensor.layout} tensor cannot be saved; call .to_dense() first")
-    if tensor.dtype not in _DTYPES:
+    if tensor.dtype not in DTYPE_NAMES:
         raise ValueError(
-            f"{name!r}: dtype {tensor.dtype} has no safetensors type; supported: {', '.join(map(str, _DTYPES))}"
+            f"{name!r}: dtype {tensor.dtype} has no safetensors type; supported: {', '.join(map(str, DTYPE_NAMES))}"
         )
     # Each step is skipped when it has nothing to do: this runs once per tensor on every save.
     if tensor.requires_grad:
