@@ -312,6 +312,6 @@ def test_projected_tensors_are_refused_before_wrapping():
 
     config = dpeft.OFTConfig(target_modules=["q_proj"], oft_block_size=4, coft=True, task_type="CAUSAL_LM")
     model = dpeft.get_peft_model(build("llama")[0], config)
-    with pytest.raises(ValueError, match="projected in place.*fsdp2 store backend does not support.*coft=False"):
+    with pytest.raises(ValueError, match="projected in place.*fsdp2 store backend does not support.*constraint off"):
         apply_fsdp(model)
     assert model.store.backend == "local"

@@ -23,7 +23,7 @@ def refuse_projected(entries: Iterable[Any], backend: str) -> None:
             raise ValueError(
                 f"adapter {entry.adapter!r} on {entry.module_name or 'the model'}: tensors {names} are projected in "
                 f"place before each use (a constraint of the method), which the {backend} store backend does not "
-                "support; use the local or sharded backend, or turn the constraint off (OFT: coft=False)"
+                "support; use the local or sharded backend, or turn the constraint off in the adapter config"
             )
 
 
