@@ -11,12 +11,10 @@ The schedule is stretched (total_step 10_000, tinit 0) so every timed step alloc
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 import warnings
 
 import torch
-from bench_methods import _model  # the same small llama as the other method benchmarks
+from bench_methods import _compare, _model  # the same small llama and timing as the other method benchmarks
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -25,30 +23,8 @@ def _config(lib):
     return lib.AdaLoraConfig(target_modules=TARGETS, init_r=12, target_r=8, total_step=10_000, task_type="CAUSAL_LM")
 
 
-def _step(model, optimizer, ids: torch.Tensor, step: int, train: bool) -> float:
-    start = time.perf_counter()
-    if train:
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        model.base_model.update_and_allocate(step)
-        optimizer.zero_grad(set_to_none=True)
-    else:
-        with torch.no_grad():
-            model(input_ids=ids)
-    return time.perf_counter() - start
-
-
-def _compare(ours, theirs, ids: torch.Tensor, steps: int, train: bool) -> tuple[float, float]:
-    runs = []
-    for model in (ours, theirs):
-        model.train(train)
-        runs.append((model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3), []))
-    for i in range(steps + 2):
-        for model, optimizer, times in runs:
-            t = _step(model, optimizer, ids, i, train)
-            if i >= 2:  # warm-up steps excluded
-                times.append(t)
-    return statistics.median(runs[0][2]), statistics.median(runs[1][2])
+def _allocate(model, step: int) -> None:
+    model.base_model.update_and_allocate(step)
 
 
 def main() -> None:
@@ -65,7 +41,7 @@ def main() -> None:
     for train in (True, False):
         ours = dpeft.get_peft_model(_model(), _config(dpeft))
         theirs = peft.get_peft_model(_model(), _config(peft))
-        t_ours, t_theirs = _compare(ours, theirs, ids, args.steps, train)
+        t_ours, t_theirs = _compare(ours, theirs, ids, args.steps, train, lr=1e-3, after_step=_allocate)
         mode = "train" if train else "infer"
         print(f"{mode:6} {t_ours:9.4f} {t_theirs:9.4f} {t_ours / t_theirs:6.3f}", flush=True)
 

@@ -53,12 +53,14 @@ def _model():
     return LlamaForCausalLM(config)
 
 
-def _step(model, optimizer, ids: torch.Tensor, train: bool) -> float:
+def _step(model, optimizer, ids: torch.Tensor, step: int, train: bool, after_step=None) -> float:
     start = time.perf_counter()
     if train:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
+        if after_step is not None:  # e.g. AdaLoRA's update_and_allocate: after the step, before zero_grad
+            after_step(model, step)
         optimizer.zero_grad(set_to_none=True)
     else:
         with torch.no_grad():
@@ -66,16 +68,18 @@ def _step(model, optimizer, ids: torch.Tensor, train: bool) -> float:
     return time.perf_counter() - start
 
 
-def _compare(ours, theirs, ids: torch.Tensor, steps: int, train: bool) -> tuple[float, float]:
+def _compare(
+    ours, theirs, ids: torch.Tensor, steps: int, train: bool, lr: float = 1e-4, after_step=None
+) -> tuple[float, float]:
     """Median step times, the two libraries' steps alternating so that load from other processes hits both alike."""
     runs = []
     for model in (ours, theirs):
         model.train(train)
         params = [p for p in model.parameters() if p.requires_grad]
-        runs.append((model, torch.optim.AdamW(params, lr=1e-4), []))
+        runs.append((model, torch.optim.AdamW(params, lr=lr), []))
     for i in range(steps + 2):
         for model, optimizer, times in runs:
-            t = _step(model, optimizer, ids, train)
+            t = _step(model, optimizer, ids, i, train, after_step)
             if i >= 2:  # warm-up steps excluded
                 times.append(t)
     return statistics.median(runs[0][2]), statistics.median(runs[1][2])

@@ -39,6 +39,18 @@ def _time(model: nn.Module, x: torch.Tensor) -> float:
     return time.process_time() - start
 
 
+def interleaved_times(models: list[nn.Module], x: torch.Tensor, repeats: int) -> list[list[float]]:
+    """Each model's fwd+bwd times over `repeats` rounds (2 warm-up rounds dropped), the models alternating within a
+    round so that load from other processes hits all of them alike."""
+    times: list[list[float]] = [[] for _ in models]
+    for i in range(repeats + 2):
+        for model, samples in zip(models, times):
+            t = _time(model, x)
+            if i >= 2:  # warm-up rounds excluded
+                samples.append(t)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dim", type=int, default=1024)
@@ -58,12 +70,7 @@ def main() -> None:
         base = _layer(args.dim).requires_grad_(False)
         models = [base, dpeft.get_peft_model(_layer(args.dim), CONFIGS[name](dpeft))]
         models.append(peft.get_peft_model(_layer(args.dim), CONFIGS[name](peft)))
-        times: list[list[float]] = [[], [], []]
-        for i in range(args.repeats + 2):
-            for model, samples in zip(models, times):
-                t = _time(model, x)
-                if i >= 2:  # warm-up rounds excluded
-                    samples.append(t)
+        times = interleaved_times(models, x, args.repeats)
         ratios = [a / b for a, b in zip(times[1], times[2])]
         base_t, ours, theirs = (statistics.median(t) for t in times)
         print(

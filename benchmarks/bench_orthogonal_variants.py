@@ -18,7 +18,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_orthogonal import _layer, _time  # noqa: E402
+from bench_orthogonal import _layer, interleaved_times  # noqa: E402
 
 VARIANTS = {
     "oft": (lambda lib: lib.OFTConfig(target_modules=["0"], oft_block_size=32, init_weights=False), 1),
@@ -57,12 +57,7 @@ def main() -> None:
     print(f"{'variant':9} {'dpeft ms':>9} {'peft ms':>9} {'ratio':>6}")
     for name in args.variants.split(","):
         models = [_model(dpeft, args.dim, name), _model(peft, args.dim, name)]
-        times: list[list[float]] = [[], []]
-        for i in range(args.repeats + 2):
-            for model, samples in zip(models, times):
-                t = _time(model, x)
-                if i >= 2:  # warm-up rounds excluded
-                    samples.append(t)
+        times = interleaved_times(models, x, args.repeats)
         ratios = [a / b for a, b in zip(*times)]
         ours, theirs = (statistics.median(t) for t in times)
         print(f"{name:9} {ours * 1e3:9.2f} {theirs * 1e3:9.2f} {statistics.median(ratios):6.3f}", flush=True)

@@ -14,7 +14,6 @@ from torch import nn
 
 from dpeft.store.fsdp_view import full_value, load_full_into, refuse_foreign_fsdp
 from dpeft.store.holders import attach as _attach
-from dpeft.store.holders import detach_holders  # noqa: F401  (re-exported)
 from dpeft.store.integrity import verify_full_state
 from dpeft.store.projection import project_reads
 from dpeft.store.spec import ADAPTER, ParamSpec
